@@ -1,0 +1,376 @@
+"""Preallocated DRAM neuron matrix and DRAM budget (paper sec 3.3 "optimized data management", Fig 6).
+
+Per layer, one ``NeuronMatrix`` is allocated once at the capacity the window needs (the paper's
+Req_i rows): ``matrix [capacity, bundle_width]`` (row r = the bundle of neuron ``pointer[r]``, its
+vectors in ``vector_names`` order, e.g. ``[up | down]`` or ``[gate | up | down]``), per-row
+scalars (e.g. the up-projection bias), ``num_used`` and the reverse map ``row_of[neuron] -> row``
+(or -1). Delete moves rows from the end of the filled region into the holes, O(c * d_model) for c
+evictions; insert writes the new bundles at ``num_used ..``; nothing is ever reallocated. Because
+the order of the intermediate neurons does not change the FFN output, the compute uses the
+filled prefix directly: ``up = matrix[:num_used, d:2d]``, ``down = matrix[:num_used, 2d:3d]``.
+
+``NaiveNeuronMatrix`` has the same interface but rebuilds its tensors every token (the
+realloc-and-append baseline of the Fig 6 ablation). ``DramBudget`` sums what stays resident
+(attention, embeddings, predictors) and the matrices' capacities, and refuses a configuration
+that does not fit, naming the minimum. Timing the memory management is the engine's job.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .config import DRAM
+
+
+class DramBudgetError(MemoryError):
+    """A matrix or a configuration would exceed its row capacity or byte budget."""
+
+
+def _ids(neuron_ids, d_ffn: int, what: str) -> np.ndarray:
+    """Unique, in-range int64 ids (numpy), or a ValueError naming the problem."""
+    a = neuron_ids.detach().cpu().numpy() if hasattr(neuron_ids, "detach") else np.asarray(neuron_ids)
+    ids = a.astype(np.int64, copy=False).reshape(-1)
+    if ids.size and (ids.min() < 0 or ids.max() >= d_ffn):
+        raise ValueError(f"{what}: neuron ids must lie in [0, {d_ffn}), got [{ids.min()}, {ids.max()}]")
+    if np.unique(ids).size != ids.size:
+        raise ValueError(f"{what}: neuron ids contain duplicates")
+    return ids
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _torch_rows(rows, n: int, width: int, what: str) -> torch.Tensor:
+    """``rows`` (torch or numpy, e.g. a view of the store's read buffer) as a ``[n, width]`` tensor."""
+    t = rows if isinstance(rows, torch.Tensor) else torch.from_numpy(np.asarray(rows))
+    if tuple(t.shape) != (n, width):
+        raise ValueError(f"{what}: expected shape ({n}, {width}), got {tuple(t.shape)}")
+    return t
+
+
+class _MatrixBase:
+    """Shared shape bookkeeping, views and FFN compute of both matrix variants."""
+
+    def __init__(self, capacity: int, d_model: int, d_ffn: int, vector_names=("up", "down"),
+                 scalar_names=(), dtype=torch.float16, device="cpu", budget_bytes: int | None = None):
+        if capacity < 0 or d_model <= 0 or d_ffn <= 0 or not vector_names:
+            raise ValueError(f"bad matrix shape: capacity={capacity}, d_model={d_model}, "
+                             f"d_ffn={d_ffn}, vector_names={vector_names}")
+        self.capacity, self.d_model, self.d_ffn = int(capacity), int(d_model), int(d_ffn)
+        self.vector_names, self.scalar_names = tuple(vector_names), tuple(scalar_names)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.bundle_width = len(self.vector_names) * self.d_model
+        self.bytes_per_row = (self.bundle_width + len(self.scalar_names)) * _itemsize(dtype)
+        if budget_bytes is not None and self.bytes_capacity > budget_bytes:
+            raise DramBudgetError(
+                f"neuron matrix of {self.capacity} rows x {self.bytes_per_row} B = {self.bytes_capacity} B "
+                f"exceeds its budget of {budget_bytes} B; at most {budget_bytes // self.bytes_per_row} rows fit")
+        self.row_of = np.full(self.d_ffn, -1, dtype=np.int64)   # [d_ffn] row of each neuron, -1 = absent
+        self.num_used = 0
+
+    # --- bytes (weights and per-row scalars; the index arrays are reported apart) ---
+    @property
+    def bytes_capacity(self) -> int:
+        return self.capacity * self.bytes_per_row
+
+    @property
+    def bytes_resident(self) -> int:
+        return self.num_used * self.bytes_per_row
+
+    @property
+    def bytes_index(self) -> int:
+        """pointer + reverse map, bookkeeping outside the model's bytes."""
+        return 8 * (self.capacity + self.d_ffn)
+
+    # --- contents ---
+    def resident_ids(self) -> np.ndarray:
+        """Neuron ids in row order ``[num_used]`` (a copy of pointer[:num_used])."""
+        return self.pointer_array()[: self.num_used].copy()
+
+    def contains(self, neuron_ids) -> np.ndarray:
+        return self.row_of[np.asarray(neuron_ids, dtype=np.int64)] >= 0
+
+    def rows_of(self, neuron_ids) -> torch.Tensor:
+        """Bundles of resident neurons ``[n, bundle_width]`` (KeyError if one is absent)."""
+        r = self.row_of[np.asarray(neuron_ids, dtype=np.int64).reshape(-1)]
+        if (r < 0).any():
+            raise KeyError(f"neurons not resident: {np.asarray(neuron_ids).reshape(-1)[r < 0][:10].tolist()}")
+        return self.used_matrix()[torch.from_numpy(r)]
+
+    def vector(self, name: str) -> torch.Tensor:
+        """``[num_used, d_model]`` view of one vector of every resident bundle, e.g. "up"."""
+        i = self.vector_names.index(name)
+        return self.used_matrix()[:, i * self.d_model:(i + 1) * self.d_model]
+
+    def scalar(self, name: str) -> torch.Tensor:
+        """``[num_used]`` view of one per-row scalar, e.g. "bias"."""
+        return self.used_scalars()[:, self.scalar_names.index(name)]
+
+    def ffn(self, x: torch.Tensor, act=torch.relu, output_bias: torch.Tensor | None = None,
+            only=None) -> torch.Tensor:
+        """FFN output of the resident neurons, ``x [..., d_model] -> [..., d_model]``, in the matrix dtype.
+
+        Ungated (opt): ``act(x @ up.T + bias) @ down``; gated (llama, "gate" in vector_names):
+        ``(act(x @ gate.T) * (x @ up.T)) @ down`` (pass ``act=F.silu``). Row order is irrelevant.
+        By default every resident row takes part, as in the paper (sec 3.3: up = matrix[:num_rows]);
+        with ReLU the rows of inactive neurons add exact zeros. ``only`` (neuron ids, all
+        resident) restricts the sum to those neurons, e.g. the current token's predicted set
+        of a gated FFN, whose other rows would add non-zero terms.
+        """
+        x = x.to(self.dtype)
+        pre = x @ self.vector("up").T                                   # [..., num_used]
+        if "bias" in self.scalar_names:
+            pre = pre + self.scalar("bias")
+        h = act(x @ self.vector("gate").T) * pre if "gate" in self.vector_names else act(pre)
+        if only is not None:
+            rows = self.row_of[_ids(only, self.d_ffn, "ffn only")]
+            if (rows < 0).any():
+                raise KeyError("ffn: some neurons in `only` are not resident")
+            keep = torch.zeros(self.num_used, dtype=h.dtype, device=h.device)
+            keep[torch.from_numpy(rows).to(h.device)] = 1
+            h = h * keep
+        y = h @ self.vector("down")                                     # [..., d_model]
+        return y + output_bias.to(y.dtype) if output_bias is not None else y
+
+    # --- checks shared by insert/delete (raise before anything changes) ---
+    def _check_insert(self, neuron_ids, rows, scalars):
+        ids = _ids(neuron_ids, self.d_ffn, "insert")
+        if (self.row_of[ids] >= 0).any():
+            raise ValueError(f"insert: neurons already resident: {ids[self.row_of[ids] >= 0][:10].tolist()}")
+        if self.num_used + ids.size > self.capacity:
+            raise DramBudgetError(
+                f"insert of {ids.size} rows into a matrix holding {self.num_used} of {self.capacity} "
+                f"rows ({self.bytes_capacity} B): over capacity by {self.num_used + ids.size - self.capacity} "
+                f"rows; allocate more rows (a larger budget) or use a smaller window k")
+        rows = _torch_rows(rows, ids.size, self.bundle_width, "insert rows")
+        sc = None
+        if self.scalar_names:
+            if scalars is None or set(scalars) != set(self.scalar_names):
+                raise ValueError(f"insert: scalars must give exactly {self.scalar_names}, "
+                                 f"got {None if scalars is None else sorted(scalars)}")
+            sc = torch.stack([torch.as_tensor(scalars[n]).reshape(-1) for n in self.scalar_names], dim=1)
+            if sc.shape[0] != ids.size:
+                raise ValueError(f"insert: scalars have {sc.shape[0]} rows for {ids.size} neurons")
+        return ids, rows, sc
+
+    def _check_delete(self, neuron_ids) -> np.ndarray:
+        ids = _ids(neuron_ids, self.d_ffn, "delete")
+        absent = self.row_of[ids] < 0
+        if absent.any():
+            raise KeyError(f"delete: neurons not resident: {ids[absent][:10].tolist()}")
+        return ids
+
+    def update(self, evict, load, rows, scalars=None) -> None:
+        """One token's memory management: delete ``evict``, then insert ``load`` with ``rows``."""
+        self.delete(evict)
+        self.insert(load, rows, scalars)
+
+
+class NeuronMatrix(_MatrixBase):
+    """The paper's preallocated matrix (Fig 6): fixed tensors, delete by moving the last rows, append.
+
+    ``matrix [capacity, bundle_width]`` and ``scalars [capacity, n_scalars]`` are torch tensors in
+    the model dtype, ``pointer [capacity]`` (numpy int64) the original neuron id of each row.
+    """
+
+    def __init__(self, capacity, d_model, d_ffn, vector_names=("up", "down"), scalar_names=(),
+                 dtype=torch.float16, device="cpu", budget_bytes=None):
+        super().__init__(capacity, d_model, d_ffn, vector_names, scalar_names, dtype, device, budget_bytes)
+        self.matrix = torch.zeros(self.capacity, self.bundle_width, dtype=dtype, device=self.device)
+        self.scalars = torch.zeros(self.capacity, len(self.scalar_names), dtype=dtype, device=self.device)
+        self.pointer = np.full(self.capacity, -1, dtype=np.int64)
+
+    @classmethod
+    def from_budget(cls, budget_bytes: int, d_model: int, d_ffn: int, vector_names=("up", "down"),
+                    scalar_names=(), dtype=torch.float16, device="cpu") -> "NeuronMatrix":
+        """As many rows as ``budget_bytes`` holds (never more than d_ffn)."""
+        per_row = (len(vector_names) * d_model + len(scalar_names)) * _itemsize(dtype)
+        return cls(min(d_ffn, budget_bytes // per_row), d_model, d_ffn, vector_names, scalar_names,
+                   dtype, device, budget_bytes)
+
+    def pointer_array(self) -> np.ndarray:
+        return self.pointer
+
+    def used_matrix(self) -> torch.Tensor:
+        return self.matrix[: self.num_used]
+
+    def used_scalars(self) -> torch.Tensor:
+        return self.scalars[: self.num_used]
+
+    def delete(self, neuron_ids) -> int:
+        """Free the rows of ``neuron_ids`` by moving rows from the end of the filled region into them.
+
+        Returns the number of rows moved (at most c = len(neuron_ids)): O(c * d_model).
+        """
+        ids = self._check_delete(neuron_ids)
+        if ids.size == 0:
+            return 0
+        n_after = self.num_used - ids.size
+        rows = self.row_of[ids]
+        holes = np.sort(rows[rows < n_after])                 # evicted rows inside the kept prefix
+        tail_evicted = np.zeros(ids.size, dtype=bool)         # tail rows [n_after, num_used)
+        tail_evicted[rows[rows >= n_after] - n_after] = True
+        sources = n_after + np.flatnonzero(~tail_evicted)     # surviving rows past the new end
+        if holes.size:
+            h, s = torch.from_numpy(holes).to(self.device), torch.from_numpy(sources).to(self.device)
+            self.matrix[h] = self.matrix[s]                  # disjoint row sets: no aliasing
+            self.scalars[h] = self.scalars[s]
+            self.pointer[holes] = self.pointer[sources]
+            self.row_of[self.pointer[holes]] = holes
+        self.row_of[ids] = -1
+        self.pointer[n_after: self.num_used] = -1
+        self.num_used = n_after
+        return int(holes.size)
+
+    def insert(self, neuron_ids, rows, scalars: dict | None = None) -> None:
+        """Write bundles ``rows [n, bundle_width]`` (and per-row scalars) at rows num_used .. num_used+n-1.
+
+        Raises ``DramBudgetError`` (nothing modified) when the rows do not fit.
+        """
+        ids, rows, sc = self._check_insert(neuron_ids, rows, scalars)
+        n0, n1 = self.num_used, self.num_used + ids.size
+        self.matrix[n0:n1].copy_(rows)
+        if sc is not None:
+            self.scalars[n0:n1].copy_(sc)
+        self.pointer[n0:n1] = ids
+        self.row_of[ids] = np.arange(n0, n1)
+        self.num_used = n1
+
+
+class NaiveNeuronMatrix(_MatrixBase):
+    """The realloc-and-copy baseline of the Fig 6 ablation: same interface, new tensors every call.
+
+    Delete keeps the surviving rows with a gather (a full copy), insert concatenates
+    (``torch.cat``: another full copy), so every token rewrites the whole cached FFN, the cost
+    the paper's section 3.3 avoids. ``capacity`` is still enforced, so both variants hold the
+    same neurons under the same budget.
+    """
+
+    def __init__(self, capacity, d_model, d_ffn, vector_names=("up", "down"), scalar_names=(),
+                 dtype=torch.float16, device="cpu", budget_bytes=None):
+        super().__init__(capacity, d_model, d_ffn, vector_names, scalar_names, dtype, device, budget_bytes)
+        self.matrix = torch.zeros(0, self.bundle_width, dtype=dtype, device=self.device)
+        self.scalars = torch.zeros(0, len(self.scalar_names), dtype=dtype, device=self.device)
+        self.pointer = np.zeros(0, dtype=np.int64)
+
+    def pointer_array(self) -> np.ndarray:
+        return self.pointer
+
+    def used_matrix(self) -> torch.Tensor:
+        return self.matrix
+
+    def used_scalars(self) -> torch.Tensor:
+        return self.scalars
+
+    def delete(self, neuron_ids) -> int:
+        """Rebuild the tensors without the evicted rows; returns the rows copied (all survivors)."""
+        ids = self._check_delete(neuron_ids)
+        keep = np.ones(self.num_used, dtype=bool)
+        keep[self.row_of[ids]] = False
+        k = torch.from_numpy(np.flatnonzero(keep)).to(self.device)
+        self.matrix, self.scalars = self.matrix[k], self.scalars[k]     # new allocations
+        self.row_of[ids] = -1
+        self.pointer = self.pointer[keep]
+        self.row_of[self.pointer] = np.arange(self.pointer.size)
+        self.num_used = int(self.pointer.size)
+        return self.num_used
+
+    def insert(self, neuron_ids, rows, scalars: dict | None = None) -> None:
+        ids, rows, sc = self._check_insert(neuron_ids, rows, scalars)
+        self.matrix = torch.cat([self.matrix, rows.to(self.device, self.dtype)])
+        if sc is not None:
+            self.scalars = torch.cat([self.scalars, sc.to(self.device, self.dtype)])
+        else:
+            self.scalars = torch.zeros(self.matrix.shape[0], 0, dtype=self.dtype, device=self.device)
+        self.row_of[ids] = np.arange(self.num_used, self.num_used + ids.size)
+        self.pointer = np.concatenate([self.pointer, ids])
+        self.num_used = int(self.pointer.size)
+
+
+# --- whole-model budget -------------------------------------------------------------------
+
+
+@dataclass
+class DramBudget:
+    """Byte accountant of one model's DRAM: the resident part plus every layer's neuron matrix.
+
+    ``add_resident`` registers weights that never leave DRAM (attention, embeddings, norms,
+    predictors, FFN biases); ``reserve_matrices`` then checks that the window's matrices fit
+    in what is left and refuses otherwise, naming the minimum budget.
+    """
+
+    budget_bytes: int
+    resident: dict = field(default_factory=dict)     # name -> bytes
+    matrices: dict = field(default_factory=dict)     # layer -> bytes_capacity
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(self.resident.values())
+
+    @property
+    def matrix_bytes(self) -> int:
+        return sum(self.matrices.values())
+
+    @property
+    def used_bytes(self) -> int:
+        return self.resident_bytes + self.matrix_bytes
+
+    @property
+    def free_bytes(self) -> int:
+        return self.budget_bytes - self.used_bytes
+
+    def add_resident(self, name: str, nbytes: int) -> None:
+        """Register an always-resident part; refuses when the resident part alone exceeds the budget."""
+        total = self.used_bytes - self.resident.get(name, 0) + int(nbytes)
+        if total > self.budget_bytes:
+            raise DramBudgetError(
+                f"resident part '{name}' ({nbytes} B) does not fit: total would be {total} B "
+                f"> budget {self.budget_bytes} B; minimum budget is {total} B")
+        self.resident[name] = int(nbytes)
+
+    def reserve_matrices(self, rows_per_layer, bytes_per_row: int) -> None:
+        """Reserve ``rows_per_layer[l] * bytes_per_row`` for each layer's matrix, all or nothing."""
+        need = {l: int(r) * int(bytes_per_row) for l, r in enumerate(rows_per_layer)}
+        total = self.resident_bytes + sum(need.values())
+        if total > self.budget_bytes:
+            raise DramBudgetError(
+                f"DRAM budget {self.budget_bytes} B cannot hold the resident part ({self.resident_bytes} B) "
+                f"plus the window's neuron matrices ({sum(need.values())} B = {sum(map(int, rows_per_layer))} "
+                f"rows x {bytes_per_row} B); minimum budget is {total} B, or use a smaller window k")
+        self.matrices = need
+
+    def rows_that_fit(self, bytes_per_row: int, n_layers: int) -> int:
+        """Rows per layer that an equal split of the free (non-resident) bytes allows."""
+        return max(0, (self.budget_bytes - self.resident_bytes) // (bytes_per_row * n_layers))
+
+    def report(self) -> pd.DataFrame:
+        """part | bytes | share_of_budget, with the matrices and the total."""
+        rows = [(k, v) for k, v in self.resident.items()]
+        rows += [("neuron matrices", self.matrix_bytes), ("total", self.used_bytes)]
+        df = pd.DataFrame(rows, columns=["part", "bytes"])
+        df["share_of_budget"] = df["bytes"] / self.budget_bytes
+        return df
+
+
+def capacity_for_window(peak_rows: int, d_ffn: int, margin: float = DRAM.capacity_margin) -> int:
+    """Rows to preallocate for a window whose largest resident set on a sizing trace was ``peak_rows``
+    (``window.window_capacity``; the paper's Req_i), plus ``margin``, never more than d_ffn."""
+    return int(min(d_ffn, math.ceil(peak_rows * (1 + margin) - 1e-9)))   # 1e-9: 100 * 1.1 is 110.00000000000001
+
+
+def dram_bytes_moved(n_resident: int, n_evict: int, n_load: int, bytes_per_row: int,
+                     naive: bool = False) -> int:
+    """Bytes written in DRAM by one token's update (cost-model input, paper sec 3.3).
+
+    Preallocated: an upper bound, one row moved per eviction (fewer when evicted rows sit at the
+    end of the filled region) plus the new rows, O(c * d_model).
+    Naive: every surviving row is copied (twice: gather, then cat) plus the new rows.
+    """
+    if naive:
+        return (2 * (n_resident - n_evict) + n_load) * bytes_per_row
+    return (min(n_evict, max(0, n_resident - n_evict)) + n_load) * bytes_per_row

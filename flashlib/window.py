@@ -1,0 +1,270 @@
+"""Sliding window of active neurons over the last k tokens (paper sec 3.1 "windowing", Fig 4; App. C.1).
+
+Pure set logic, no I/O and no weights: for each new token a layer's ``SlidingWindow`` says which
+neuron ids to load (not resident yet) and which to evict (left the window), and counts hits,
+misses and resident neurons. ``aggregated_usage_curve`` measures the same quantities on a whole
+trace for many k at once (Fig 4a: s_agg(k) and the new neurons per token).
+
+Window semantics (the paper is ambiguous, see paper-facts "Version map" and §3.4):
+``k`` counts the tokens whose active sets are resident *after* ``update``, the current token
+included::
+
+    R_t = A_t | A_{t-1} | ... | A_{t-k+1}          (A_t: active/predicted ids of token t)
+    update(A_t):  evict = R_{t-1} - R_t,   load = A_t - R_{t-1}
+
+Eviction is decided when the new token's prediction is known, as paper sec 3.3 describes ("find
+the neurons to evict from last_k_active and the current prediction"), so all k previous tokens'
+neurons are reused and the resident set never holds more than k tokens' union (evict first,
+then load). The paper's OPT setting, "memory for the past 5 tokens" (v1 and the Fig 4b caption:
+k = 5; the v3 appendix's "k = 4" reads as 4 previous tokens plus the current one), is ``k = 5``
+here (``paper.WINDOW_K_OPT``). In steady state the resident share is s_agg(k) and the share
+loaded per token is s_agg(k+1) - s_agg(k), the paper's window increment.
+``k = 0`` means no window (Table 2's predictor-only row): nothing is kept between tokens and
+every token loads its whole active set; its load and evict sets may overlap (evict first).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+
+def as_mask(active, d_ffn: int) -> np.ndarray:
+    """Bool mask ``[d_ffn]`` from a mask (numpy/torch bool) or from neuron ids (any int sequence)."""
+    a = active.detach().cpu().numpy() if hasattr(active, "detach") else np.asarray(active)
+    if a.dtype == np.bool_:
+        if a.shape != (d_ffn,):
+            raise ValueError(f"active mask has shape {a.shape}, expected ({d_ffn},)")
+        return a
+    ids = a.astype(np.int64, copy=False).reshape(-1)
+    if ids.size and (ids.min() < 0 or ids.max() >= d_ffn):
+        raise ValueError(f"active ids must lie in [0, {d_ffn}); got [{ids.min()}, {ids.max()}]")
+    m = np.zeros(d_ffn, dtype=bool)
+    m[ids] = True
+    return m
+
+
+@dataclass(frozen=True)
+class WindowStep:
+    """What one token asks of one layer. Ids are sorted int64 arrays."""
+
+    load: np.ndarray      # [n_load] ids to read from flash and insert
+    evict: np.ndarray     # [n_evict] ids to delete from DRAM (apply before inserting)
+    n_active: int         # |A_t|
+    n_hits: int           # active ids already resident before the step (not loaded)
+    n_resident: int       # |R_t| after the step
+
+
+@dataclass
+class WindowStats:
+    """Running counters of one layer's window (the paper's "2.4% new per token" is loaded / tokens)."""
+
+    tokens: int = 0
+    loaded: int = 0           # neurons loaded (= misses)
+    evicted: int = 0
+    hits: int = 0             # active neurons found resident
+    peak_resident: int = 0
+    resident_sum: int = 0     # sum over tokens of |R_t| (mean = resident_sum / tokens)
+
+    @property
+    def hit_rate(self) -> float:
+        asked = self.hits + self.loaded
+        return self.hits / asked if asked else float("nan")
+
+
+@dataclass
+class SlidingWindow:
+    """One layer's window: a ring buffer of the last k active masks and a per-neuron count.
+
+    ``count[i]`` = how many of the buffered tokens have neuron i active, so resident = count > 0
+    and each update costs O(d_ffn) vectorised work, whatever the number of active neurons.
+    """
+
+    d_ffn: int
+    k: int
+    stats: WindowStats = field(init=False)
+
+    def __post_init__(self):
+        if self.k < 0 or self.d_ffn <= 0:
+            raise ValueError(f"need k >= 0 and d_ffn > 0, got k={self.k}, d_ffn={self.d_ffn}")
+        if self.k > np.iinfo(np.uint16).max:
+            raise ValueError(f"k={self.k} is too large (max {np.iinfo(np.uint16).max})")
+        self.reset()
+
+    def reset(self) -> None:
+        """Empty window and zeroed counters (a new sequence)."""
+        self._ring = np.zeros((max(self.k, 1), self.d_ffn), dtype=bool)   # [k, d_ffn]
+        self._count = np.zeros(self.d_ffn, dtype=np.uint16)                # [d_ffn]
+        self._resident = np.zeros(self.d_ffn, dtype=bool)                  # [d_ffn] = count > 0
+        self._pos = 0
+        self._filled = 0
+        self.stats = WindowStats()
+
+    @property
+    def resident_mask(self) -> np.ndarray:
+        """Read-only view ``[d_ffn]`` of R_t."""
+        v = self._resident.view()
+        v.flags.writeable = False
+        return v
+
+    def resident_ids(self) -> np.ndarray:
+        return np.flatnonzero(self._resident)
+
+    @property
+    def n_resident(self) -> int:
+        return int(self._resident.sum())
+
+    def update(self, active) -> WindowStep:
+        """Advance by one token with active set ``active`` (mask ``[d_ffn]`` or ids)."""
+        m = as_mask(active, self.d_ffn)
+        before = self._resident
+        if self.k == 0:
+            after = m.copy()
+            load, evict = np.flatnonzero(m), np.flatnonzero(before)
+            n_hits = 0
+        else:
+            if self._filled == self.k:
+                self._count -= self._ring[self._pos]     # token t-k leaves the window
+            self._ring[self._pos] = m
+            self._count += m
+            self._pos = (self._pos + 1) % self.k
+            self._filled = min(self._filled + 1, self.k)
+            after = self._count > 0
+            load = np.flatnonzero(m & ~before)
+            evict = np.flatnonzero(before & ~after)
+            n_hits = int(m.sum()) - load.size
+        self._resident = after
+        n_res = int(after.sum())
+        s = self.stats
+        s.tokens += 1
+        s.loaded += load.size
+        s.evicted += evict.size
+        s.hits += n_hits
+        s.peak_resident = max(s.peak_resident, n_res)
+        s.resident_sum += n_res
+        return WindowStep(load, evict, int(m.sum()), n_hits, n_res)
+
+    def shrink_to_fit(self, capacity: int) -> np.ndarray:
+        """Forget the oldest buffered tokens until at most ``capacity`` neurons stay resident.
+
+        For a token whose window outgrows its DRAM matrix (the paper shrinks Persimmon's window
+        on the fly the same way, App. C.3); call it right after ``update``. Returns the sorted
+        ids that are no longer resident: they were resident before this token (never the current
+        token's neurons), so the caller deletes them together with ``WindowStep.evict`` before
+        inserting ``WindowStep.load``.
+        The window grows back to k tokens as new tokens arrive. Raises ValueError when the
+        current token's active set alone exceeds ``capacity``.
+        """
+        current = self._resident if self.k == 0 or not self._filled else self._ring[(self._pos - 1) % self.k]
+        if current.sum() > capacity:                # checked first: nothing changes on error
+            raise ValueError(f"the current token alone has {int(current.sum())} active neurons, more than "
+                             f"the capacity of {capacity} rows; truncate the active set first")
+        before = self._resident
+        while before.sum() > capacity and self._filled > 1:
+            oldest = (self._pos - self._filled) % self.k
+            self._count -= self._ring[oldest]
+            self._ring[oldest] = False
+            self._filled -= 1
+            before = self._count > 0
+        dropped = np.flatnonzero(self._resident & ~before)
+        self._resident = before
+        self.stats.evicted += dropped.size
+        self.stats.resident_sum -= dropped.size    # peak_resident keeps the demand before shrinking
+        return dropped
+
+
+# --- whole-trace curves (Fig 4a) -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UsageCurve:
+    """s_agg(k), new neurons per token and peak resident count, per layer and window k.
+
+    s_agg[l, j]: share of layer l's neurons active in at least one of ks[j] consecutive tokens,
+    averaged over every full window of the trace (= the window's mean resident share).
+    new_per_token[l, j]: share of neurons active at token t but in none of the ks[j] tokens
+    before it, averaged over t >= ks[j] (= what ``SlidingWindow(k)`` loads per token).
+    peak_resident[l, j]: the largest such union in neurons (the paper's Req_i, which sizes the
+    preallocated DRAM matrix). Same definitions as ``sparsity.aggregated_usage``.
+    """
+
+    ks: np.ndarray              # [K]
+    s_agg: np.ndarray           # [L, K] share of d_ffn
+    new_per_token: np.ndarray   # [L, K] share of d_ffn (nan where the trace is not longer than k)
+    peak_resident: np.ndarray   # [L, K] neurons
+    d_ffn: int
+
+    def to_frame(self) -> pd.DataFrame:
+        """Tidy table: layer | k | s_agg | new_per_token | peak_resident."""
+        L, K = self.s_agg.shape
+        return pd.DataFrame({
+            "layer": np.repeat(np.arange(L), K), "k": np.tile(self.ks, L),
+            "s_agg": self.s_agg.reshape(-1), "new_per_token": self.new_per_token.reshape(-1),
+            "peak_resident": self.peak_resident.reshape(-1)})
+
+
+def as_trace(masks) -> np.ndarray:
+    """``[T, L, d]`` bool numpy view of a ``[T, d]`` or ``[T, L, d]`` trace (numpy or torch), checked."""
+    m = masks.detach().cpu().numpy() if hasattr(masks, "detach") else np.asarray(masks)
+    if m.dtype != np.bool_:
+        raise TypeError(f"trace must be boolean, got dtype {m.dtype}")
+    if m.ndim == 2:
+        m = m[:, None, :]
+    if m.ndim != 3:
+        raise ValueError(f"trace must be [tokens, d_ffn] or [tokens, n_layers, d_ffn], got {m.shape}")
+    return m
+
+
+def aggregated_usage_curve(masks, ks=(1, 2, 3, 4, 5, 6, 8, 10)) -> UsageCurve:
+    """s_agg(k), new-per-token(k) and peak resident for every k in ``ks``, in one pass over tokens.
+
+    ``masks``: one token stream, bool ``[T, d_ffn]`` or ``[T, n_layers, d_ffn]``. Per token it
+    keeps each neuron's last active time: the union of the last k tokens is {age < k}, and the
+    neurons a window of k must load are the active ones whose previous activation is more than
+    k tokens back, so one histogram per token serves all k. Cost O(T * L * d_ffn) for the
+    scan of the masks, plus work proportional to the active entries.
+    """
+    m = as_trace(masks)
+    T, L, d = m.shape
+    ks = np.asarray(sorted(set(int(k) for k in ks)))
+    if ks.size == 0 or ks[0] < 1 or ks[-1] > T:
+        raise ValueError(f"every window k must be in 1..T={T}, got {ks.tolist()}")
+    kmax = int(ks[-1])
+    nb = kmax + 2                                          # buckets 0..kmax, kmax+1 = "older"
+    last = np.full((L, d), -nb, dtype=np.int64)            # "never" = older than any window
+    age_hist = np.zeros((L, nb), dtype=np.int64)           # neurons per age (tokens since last active)
+    age_hist[:, -1] = d
+    union = np.zeros((T, L, kmax + 1), dtype=np.int64)     # union[t, l, k] = |A_{t-k+1..t}|
+    new = np.zeros((T, L, nb), dtype=np.int64)             # new[t, l, g] = #active at t with gap >= g
+    for t in range(T):
+        li, ni = np.nonzero(m[t])                          # active entries only: O(|A_t|) work
+        gap = np.minimum(t - last[li, ni], kmax + 1)       # tokens since the previous activation
+        g = np.bincount(li * nb + gap, minlength=L * nb).reshape(L, nb)
+        new[t] = g[:, ::-1].cumsum(axis=1)[:, ::-1]
+        last[li, ni] = t
+        # every age grows by one; the active neurons (gap g, age g-1 before) restart at age 0
+        aged = np.empty_like(age_hist)
+        aged[:, 0] = g.sum(axis=1)
+        aged[:, 1:kmax + 1] = age_hist[:, :kmax] - g[:, 1:kmax + 1]
+        aged[:, -1] = age_hist[:, -2] + age_hist[:, -1] - g[:, -1]
+        age_hist = aged
+        union[t, :, 1:] = age_hist[:, :kmax].cumsum(axis=1)  # #age < k for k = 1..kmax
+    s_agg = np.stack([union[k - 1:, :, k].mean(axis=0) for k in ks], axis=1) / d
+    peak = np.stack([union[k - 1:, :, k].max(axis=0) for k in ks], axis=1)
+    # a window of k misses a neuron iff its previous activation is more than k tokens back
+    new_pt = np.stack([new[k:, :, k + 1].mean(axis=0) if k < T else np.full(L, np.nan)
+                       for k in ks], axis=1) / d
+    return UsageCurve(ks, s_agg, new_pt, peak, d)
+
+
+def window_capacity(masks, k: int) -> np.ndarray:
+    """Rows each layer's DRAM matrix needs for window ``k`` on this trace (paper sec 3.3 Req_i), ``[L]``.
+
+    The peak of |R_t| = the largest union of k consecutive active sets (``k = 0``: the largest
+    single active set). Size the matrices with a trace that resembles the workload, and keep a margin.
+    """
+    m = as_trace(masks)
+    if k == 0:
+        return m.sum(axis=2).max(axis=0)
+    return aggregated_usage_curve(m, ks=(min(k, m.shape[0]),)).peak_resident[:, 0]
