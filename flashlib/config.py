@@ -503,3 +503,94 @@ PAPER_SCALE_PRESETS = {
 
 def paper_scale_config(smoke: bool | None = None) -> PaperScaleConfig:
     return PAPER_SCALE_PRESETS["smoke" if (smoke_mode() if smoke is None else smoke) else "full"]
+
+# --- baselines beyond the paper (offload.py, robustness.py) ------------------------------
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """The baselines a user would pick instead (offload.py; peers.md sec 7): weights through the OS
+    page cache (mmap, llama.cpp-style) and Hugging Face accelerate disk offload, beside the engine.
+
+    Every method runs as a fresh worker process (``python -m flashlib.offload worker``), methods
+    alternating A B C (rotated each repeat), each in its own cgroup-v1 memory child group: the
+    page-cache and accelerate workers under ``memory.limit_in_bytes`` = DRAM budget + the worker's
+    own measured non-weight memory, the engine in an accounting-only group (it enforces its budget
+    in-process, and O_DIRECT leaves no page cache). Prompt + new tokens are capped at the model's context.
+    """
+
+    dram_budget: float | str = BenchConfig.dram_budget   # "paper": experiments.paper_budget (half the model if k fits)
+    window_k: int = WINDOW.k            # the window the "paper" budget is sized for
+    prompt_tokens: int = 64             # ReLU OPT has 128 positions: 64 prompt + 32 new fit
+    new_tokens: int = 32                # timed decode tokens per run
+    repeats: int = 3                    # runs per method, methods alternating
+    methods: tuple = ("flashlib", "pagecache", "accelerate")
+    threads: int = BenchConfig.threads  # torch threads in every worker
+    io_threads: int = BenchConfig.io_threads
+    domain: str = BenchConfig.domain    # prompts: held-out split of this domain
+    overhead_repeats: int = 2           # pre-cached runs that measure a worker's non-weight memory
+    poll_seconds: float = 0.05          # the parent samples the group's memory.stat this often
+    worker_timeout_s: float = 1800.0
+
+
+OFFLOAD_PRESETS = {
+    "full": OffloadConfig(),
+    "smoke": OffloadConfig(prompt_tokens=8, new_tokens=4, repeats=1, overhead_repeats=1,
+                           dram_budget=BENCH_PRESETS["smoke"].dram_budget),
+}
+
+
+def offload_config(smoke: bool | None = None) -> OffloadConfig:
+    return OFFLOAD_PRESETS["smoke" if (smoke_mode() if smoke is None else smoke) else "full"]
+
+
+@dataclass(frozen=True)
+class PaperScaleOffloadConfig:
+    """The page-cache baseline at OPT 6.7B geometry (offload.py) beside the engine's paper-scale replay.
+
+    A worker mmaps the paper-scale flash files and, per token and layer, pages in the same bytes the
+    naive row reads (the layer's FFN from the bundled file, its share of the non-FFN bytes from the
+    separate file, so no byte is counted twice) and runs the naive row's dense compute, under a
+    memory limit of ``dram_fraction`` of the model + the worker's measured overhead.
+    """
+
+    rounds: int = 2                     # each round: engine block, page-cache run (rotated order)
+    pagecache_tokens: int = 2           # tokens per page-cache run (~20 s each at full size)
+    dram_fraction: float = DRAM.budget_fraction
+
+
+PAPER_SCALE_OFFLOAD_PRESETS = {
+    "full": PaperScaleOffloadConfig(),
+    "smoke": PaperScaleOffloadConfig(rounds=1, pagecache_tokens=2),
+}
+
+
+def paper_scale_offload_config(smoke: bool | None = None) -> PaperScaleOffloadConfig:
+    return PAPER_SCALE_OFFLOAD_PRESETS["smoke" if (smoke_mode() if smoke is None else smoke) else "full"]
+
+
+@dataclass(frozen=True)
+class RobustnessConfig:
+    """Predictors trained on one domain, evaluated on every domain's held-out split (robustness.py).
+
+    The reference ("mixed") predictors use the same recipe with every domain in the training set, so
+    the two differ only in their training text. ``predictor_overrides`` shrink the recipe where a
+    model is expensive (SmolLM2: fewer tokens and epochs, every ``layer_stride``-th layer).
+    """
+
+    train_domains: tuple = ("news",)
+    eval_domains: tuple = CORPUS.domains
+    split: str = "test"
+    max_tokens: int = 4096              # evaluated tokens per domain
+    seq_len: int = 256                  # capped at the model's context
+    batch_size: int = 8
+    window_k: int = WINDOW.k            # bytes per token with the sliding window
+    layer_stride: int = 1               # predictors (and metrics) for layers 0, s, 2s, ...; others stay dense
+    predictor_overrides: tuple = ()     # (field, value) pairs applied to the model's PREDICTOR_PRESETS entry
+
+
+ROBUSTNESS_PRESETS = {
+    "relu-opt": RobustnessConfig(),
+    "smollm2": RobustnessConfig(max_tokens=1024, layer_stride=3,
+                                predictor_overrides=(("train_tokens", 6144), ("epochs", 2))),
+    "smoke": RobustnessConfig(max_tokens=128, seq_len=32, batch_size=4),
+}
