@@ -286,12 +286,12 @@ PREDICTOR_PRESETS = {
                                     train_tokens=12_288),
     "smoke": PredictorConfig(rank_fraction=1 / 4, sensitive_rank_fraction=1 / 2, train_tokens=1024,
                              seq_len=32, batch_size=4, epochs=2, train_batch=256),
-    "smollm2-smoke": PredictorConfig(rank_fraction=1 / 8, sensitive_rank_fraction=1 / 4, train_tokens=384, per_token=True,
+    "smollm2-smoke": PredictorConfig(rank_fraction=1 / 8, sensitive_rank_fraction=1 / 4, train_tokens=192, per_token=True,
                                      seq_len=32, batch_size=4, epochs=1, train_batch=128, select_ratio=1.4,
                                      threshold_mode="density", target_ratio=1.4),
     "smollm2-gate-smoke": PredictorConfig(kind="gate", rank_fraction=1 / 8, sensitive_rank_fraction=1 / 4,
                                           per_token=True, svd_init=False,
-                                          train_tokens=384, seq_len=32, batch_size=4, epochs=1,
+                                          train_tokens=192, seq_len=32, batch_size=4, epochs=1,
                                           train_batch=128, select_ratio=1.4, threshold_mode="density",
                                           target_ratio=1.4),
 }
@@ -306,13 +306,13 @@ class QualityConfig:
     seq_len: int = 256
     batch_size: int = 8
     max_tokens: int = 8192           # per domain
-    densities: tuple = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)   # SmolLM2: perplexity vs kept share
+    densities: tuple = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)   # SmolLM2: perplexity vs kept share
     ppl_tolerance: float = 0.05      # "within 5% of dense" (SmolLM2 acceptance)
 
 
 QUALITY_PRESETS = {
     "full": QualityConfig(),
-    "smoke": QualityConfig(seq_len=32, batch_size=4, max_tokens=128, densities=(0.5, 0.8)),
+    "smoke": QualityConfig(domains=("news",), seq_len=32, batch_size=4, max_tokens=64, densities=(0.8,)),
 }
 
 

@@ -1,0 +1,56 @@
+"""Command line (python -m flashlib): generate streams and prints the breakdown; bad arguments are clear."""
+import pytest
+
+from flashlib.__main__ import EXIT_ERROR, EXIT_USAGE, main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_streams_tokens_and_prints_the_breakdown(capsys, tmp_path):
+    code, out, _ = run(capsys, "generate", "--model", "relu-opt-smoke", "--prompt", "The king said",
+                       "--max-new-tokens", "4", "--policy", "oracle", "--dram-budget", "none",
+                       "--flash-root", str(tmp_path))
+    assert code == 0
+    assert "The king said" in out                                   # the streamer printed the text
+    assert "io_ms" in out and "mem_ms" in out and "compute_ms" in out
+    assert sum(" decode " in line for line in out.splitlines()) == 3 and " prefill " in out           # 4 new tokens: prefill + 3 decode steps
+    assert "per decoded token" in out
+
+
+def test_too_small_a_budget_names_the_minimum(capsys, tmp_path):
+    code, _, err = run(capsys, "generate", "--model", "relu-opt-smoke", "--prompt", "x", "--policy", "oracle",
+                       "--dram-budget", "0.01", "--flash-root", str(tmp_path))
+    assert code == EXIT_ERROR
+    assert "minimum budget is" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dram-budget", "-1"], "--dram-budget"),
+    (["--dram-budget", "plenty"], "--dram-budget"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--window-k", "-2"], "--window-k"),
+    (["--policy", "magic"], "--policy"),
+    (["--density", "1.5"], "--density"),
+])
+def test_bad_arguments_are_usage_errors(capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--prompt", "x", *args])
+    assert e.value.code == EXIT_USAGE
+    assert message in capsys.readouterr().err
+
+
+def test_missing_prompt_and_command_are_usage_errors(capsys):
+    for argv in (["generate"], []):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == EXIT_USAGE
+
+
+def test_unknown_model_is_a_clear_error(capsys):
+    code, _, err = run(capsys, "generate", "--model", "no-such-model-xyz", "--prompt", "x")
+    assert code == EXIT_USAGE
+    assert "cannot load model 'no-such-model-xyz'" in err
