@@ -541,7 +541,7 @@ class OffloadConfig:
     window_k: int = WINDOW.k            # the window the "paper" budget is sized for
     prompt_tokens: int = 64             # ReLU OPT has 128 positions: 64 prompt + 32 new fit
     new_tokens: int = 32                # timed decode tokens per run
-    repeats: int = 3                    # runs per method, methods alternating
+    repeats: int = 5                    # runs per method, methods alternating
     methods: tuple = ("flashlib", "pagecache", "accelerate")
     baseline_fractions: tuple = (DRAM.budget_fraction,)   # baselines also at these shares of the model (paper: half)
     threads: int = BenchConfig.threads  # torch threads in every worker

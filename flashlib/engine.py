@@ -335,7 +335,7 @@ class Sizing:
 
 
 def size_window(peaks: np.ndarray | None, d_ffn: int, n_layers: int, resident: int, row_bytes: int,
-                slot: int, budget: int | None, k: int | None, margin: float) -> Sizing:
+                slot: int, budget: int | None, k: int | None, margin: float, model_bytes: int | None = None) -> Sizing:
     """Largest k (or the given one) whose matrices + read buffer + resident part fit ``budget``.
 
     ``peaks`` None means every neuron is active (policy "all"): d_ffn rows per layer, k = 1.
@@ -363,7 +363,8 @@ def size_window(peaks: np.ndarray | None, d_ffn: int, n_layers: int, resident: i
         raise DramBudgetError(
             f"DRAM budget {budget_b} B cannot hold the resident part ({resident} B) plus the window"
             f"{'' if k is None else f' k={k}'} (matrices + read buffer): minimum budget is {need_min} B "
-            f"(window k={0 if k is None else k}); nothing was read. Raise --dram-budget"
+            f"(window k={0 if k is None else k}{f', {need_min / model_bytes:.1%} of the model' if model_bytes else ''}); "
+            f"nothing was read. Raise --dram-budget"
             f"{' or use a smaller window k' if k else ''}")
     if k is None:
         k = int(table.loc[table["fits"], "k"].max())
@@ -455,7 +456,7 @@ class SparseEngine:
             trace = calibration_trace(model, a, self.active, [b.to(self.device) for b in calibration])
             peaks = peak_rows(trace, cfg.max_window_k)
         self.sizing = size_window(peaks, a.d_ffn, a.n_layers, resident, self.bytes_per_row, slot, budget,
-                                  cfg.window_k, cfg.capacity_margin)
+                                  cfg.window_k, cfg.capacity_margin, self.model_bytes)
         self.budget = DramBudget(self.sizing.budget_bytes)
         for name, nbytes in self.parts.items():
             self.budget.add_resident(name, nbytes)

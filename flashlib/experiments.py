@@ -261,19 +261,26 @@ def ratios(summary: pd.DataFrame, fast: str = "bundling", slow: str = "naive") -
 # --- Fig 8: latency vs generation length ---------------------------------------------------
 
 def generation_length(model_name: str, n_tokens: int, *, dram_budget=None, prompt_tokens: int = 16,
-                      do_sample: bool = False, flash_root=None, progress: bool = True, **overrides) -> pd.DataFrame:
-    """Per-token latency of the full engine over one long generation (Fig 8), capped at the model's
-    context: token | io_ms | mem_ms | compute_ms | total_ms | bytes_read."""
+                      repeats: int = 3, flash_root=None, progress: bool = True, **overrides) -> pd.DataFrame:
+    """Per-token latency of the full engine over long generations (Fig 8), greedy and nucleus (p=0.9)
+    alternating, ``repeats`` prompts each, capped at the model's context.
+
+    One row per (sampling, rep, token): io_ms | mem_ms | compute_ms | total_ms | bytes_read.
+    """
     model, tok = load_model(model_name, progress=False)
     preds = predictors_for(model_name, model, tok, progress)
     cfg = engine_config("bundling", ENGINE.dram_budget if dram_budget is None else dram_budget, **overrides)
     ctx = getattr(model.config, "max_position_embeddings", None) or (prompt_tokens + n_tokens)
     n = min(n_tokens, ctx - prompt_tokens)
+    frames = []
     with SparseEngine(model, model_name, cfg, predictors=preds, tokenizer=tok, flash_root=flash_root) as e:
-        kw = dict(do_sample=True, top_p=0.9) if do_sample else {}
-        r = e.generate(prompt_ids(tok, prompt_tokens), max_new_tokens=n, min_new_tokens=n, **kw)
-    d = r.decode_stats().reset_index(drop=True)
-    return d.assign(token=np.arange(1, len(d) + 1), sampling="nucleus p=0.9" if do_sample else "greedy")
+        for rep in range(repeats):
+            for sampling, kw in (("greedy", {}), ("nucleus p=0.9", dict(do_sample=True, top_p=0.9))):
+                torch.manual_seed(rep)
+                r = e.generate(prompt_ids(tok, prompt_tokens, index=rep), max_new_tokens=n, min_new_tokens=n, **kw)
+                d = r.decode_stats().reset_index(drop=True)
+                frames.append(d.assign(token=np.arange(1, len(d) + 1), sampling=sampling, rep=rep))
+    return pd.concat(frames, ignore_index=True)
 
 
 # --- Fig 4 / Fig 7: windowing --------------------------------------------------------------

@@ -3,12 +3,14 @@
 The paper compares its engine with loaders that read the whole model from flash every token.
 What users actually run when a model does not fit is either
 
-* **the OS page cache**: weights memory-mapped from a safetensors checkpoint (llama.cpp's default,
-  and safetensors' own ``load_file``), so pages fault in from disk and the kernel evicts what no
-  longer fits (``PageCacheRunner``), or
+* **the OS page cache**: weights memory-mapped from a safetensors checkpoint (llama.cpp's default;
+  transformers 5 loads that way too), so pages fault in from disk and the kernel evicts what no
+  longer fits (``mmap_model``: a lazy mapping, so a run can start cold), or
 * **Hugging Face accelerate disk offload**: ``device_map="auto"`` with ``max_memory`` and an
   ``offload_folder``; modules that do not fit are loaded from disk before every forward
-  (``AcceleratePreparedRunner``).
+  (``accelerate_model``).
+
+Both run inside ``generate()`` with the engine's per-step clock (``HookedRunner``, ``FaultClock``).
 
 Both only *behave* like a memory-constrained device when the memory is really limited: page cache
 counts as memory, and an unlimited kernel simply keeps the whole model cached. So each worker runs
@@ -42,7 +44,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import paths
 from .config import OffloadConfig, PaperScaleOffloadConfig, offload_config, paper_scale_offload_config
 from .engine import Counters, TokenClock, install_step_hooks, run_generate
 from .store import evict_from_page_cache, resident_fraction

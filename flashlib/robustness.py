@@ -105,11 +105,19 @@ def true_masks(adapter, layer: int, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([active_mask(adapter.activation(layer, part.float()), rule, norm) for part in x.split(4096)])
 
 
+def window_shares(masks: np.ndarray, k: int) -> tuple[float, float]:
+    """(new, resident): mean share of d_ffn that a sliding window of k loads per token, and holds (s_agg(k)),
+    over ``[n_seq, T, d_ffn]`` masks (each sequence starts empty; tokens before the window has filled are
+    left out, as in App. C.1). A dense predicted set loads little per token only because its window holds
+    nearly every neuron: read both."""
+    curves = [aggregated_usage_curve(seq, ks=(k,)) for seq in masks]
+    return (float(np.nanmean([c.new_per_token[0, 0] for c in curves])),
+            float(np.mean([c.s_agg[0, 0] for c in curves])))
+
+
 def window_new_share(masks: np.ndarray, k: int) -> float:
-    """Mean share of d_ffn that a sliding window of k loads per token, over ``[n_seq, T, d_ffn]`` masks
-    (each sequence starts empty; tokens before the window has filled are left out, as in App. C.1)."""
-    shares = [aggregated_usage_curve(seq, ks=(k,)).new_per_token[0, 0] for seq in masks]
-    return float(np.nanmean(shares))
+    """The per-token load share of ``window_shares``."""
+    return window_shares(masks, k)[0]
 
 
 def bundle_bytes(adapter, dtype: torch.dtype) -> int:
@@ -133,9 +141,10 @@ def load_cost(variants: dict[str, Predictors], adapter, inputs: dict[str, dict[i
                 m = fn(layer, per_layer[layer])
                 seqs = sequence_masks(m, seq_len)
                 density = float(m.float().mean())
-                new = window_new_share(seqs, k)
+                new, held = window_shares(seqs, k)
                 rows.append({"predictor": label, "domain": domain, "layer": layer, "density": density,
-                             "new_share_window": new, "bytes_no_window": density * adapter.d_ffn * bb,
+                             "new_share_window": new, "resident_share_window": held,
+                             "bytes_no_window": density * adapter.d_ffn * bb,
                              "bytes_window": new * adapter.d_ffn * bb})
     return pd.DataFrame(rows).assign(window_k=k, bundle_bytes=bb)
 
@@ -146,6 +155,8 @@ def cost_per_token(cost: pd.DataFrame) -> pd.DataFrame:
     g = cost.groupby(["predictor", "domain"], sort=False)
     out = pd.DataFrame({"kb_no_window": g["bytes_no_window"].sum() / 1e3,
                         "kb_window": g["bytes_window"].sum() / 1e3}).reset_index()
+    if "resident_share_window" in cost:
+        out["window_share"] = g["resident_share_window"].mean().values      # share of the FFN the window holds
     ref = out[out["domain"] == "news"].set_index("predictor")
     for c in ("kb_no_window", "kb_window"):
         out[f"{c}_vs_news"] = out[c] / out["predictor"].map(ref[c])
@@ -249,5 +260,8 @@ def paper_vs_ours_rows(results: list[RobustnessResult]) -> list[tuple]:
              fmt(one, "ppl_ratio", lambda v: f"{v:.3f}"), f"mixed: {fmt(mixed, 'ppl_ratio', lambda v: f'{v:.3f}')}"),
             (f"{res.model}: kB loaded per token, window k={res.config.window_k} ({single})", "not studied",
              fmt(one, "kb_window", lambda v: f"{v:.1f}"), f"mixed: {fmt(mixed, 'kb_window', lambda v: f'{v:.1f}')}"),
+            (f"{res.model}: share of the FFN the window holds ({single})",
+             f"{paper.WINDOW_CACHE_SHARE_OF_FFN:.0%} (App. C.1, OPT 6.7B)",
+             fmt(one, "window_share", lambda v: f"{v:.0%}"), f"mixed: {fmt(mixed, 'window_share', lambda v: f'{v:.0%}')}"),
         ]
     return rows

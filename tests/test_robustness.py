@@ -39,6 +39,8 @@ def test_window_new_share_hand_checked():
     assert rb.window_new_share(seq, 1) == pytest.approx(2 / 3 / 4)
     # k=2: t=2 {3} (window {0,1,2}), t=3 {} -> 1 / 2 / 4
     assert rb.window_new_share(seq, 2) == pytest.approx(1 / 2 / 4)
+    # the window of 2 holds {0,1,2}, {1,2,3}, {3} after tokens 1..3: (3 + 3 + 1) / 3 / 4
+    assert rb.window_shares(seq, 2) == pytest.approx((1 / 2 / 4, 7 / 12))
 
 
 def test_exact_predictor_has_perfect_recall_and_the_oracle_cost(smoke):
