@@ -527,7 +527,6 @@ class SparseEngine:
             c.shrunk += 1
         if evict.size:
             st.matrix.delete(evict)
-        t1 = time.perf_counter()
         io = 0.0
         n, cap = step.load.size, self.buffer.capacity
         for s in range(0, n, cap):            # a load larger than the read buffer goes in rounds

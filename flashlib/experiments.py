@@ -21,7 +21,7 @@ from .baselines import StreamingBaseline
 from .config import (ENGINE, PREDICTOR_PRESETS, BenchConfig, EngineConfig, StoreConfig, TraceConfig,
                      bench_config, smoke_mode)
 from .dram import NaiveNeuronMatrix, NeuronMatrix, dram_bytes_moved
-from .engine import ActiveSets, SparseEngine, calibration_batches, calibration_trace, model_fingerprint
+from .engine import ActiveSets, SparseEngine, calibration_batches, calibration_trace
 from .models import ffn_adapter, load_model
 from .window import SlidingWindow, aggregated_usage_curve
 

@@ -51,7 +51,6 @@ import os
 import resource
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +65,7 @@ from .config import (FLASH_FILE_PRESETS, TRACE_PRESETS, PaperScaleConfig, StoreC
                      smoke_mode)
 from .dram import DramBudget, NeuronMatrix, capacity_for_window
 from .store import ChecksumError, FlashStore
+from .traces import torch_threads
 from .traces import Trace, generate_trace, prediction_statistics, trace_statistics
 from .window import SlidingWindow, window_capacity
 
@@ -524,16 +524,6 @@ class Replayer:
             left, l = left - n, l + 1
 
 
-@contextmanager
-def _torch_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @dataclass
 class ReplayResult:
     raw: pd.DataFrame          # one row per timed token: method | round | order | token | io_ms | ... (Replayer._row)
@@ -584,7 +574,7 @@ def replay(cfg: PaperScaleConfig, trace: Trace, capacities: dict[int, np.ndarray
     store_config = StoreConfig()
     t0 = time.perf_counter()
     rows, probes = [], []
-    with torch.inference_mode(), _torch_threads(cfg.threads), \
+    with torch.inference_mode(), torch_threads(cfg.threads), \
             Replayer(cfg, trace, capacities, files, store_config, io_mode=io_mode) as rep:
         for r, order, m, start, n in tqdm(schedule, desc="paper-scale replay", disable=not progress):
             if order == 0 and cfg.probe_seconds > 0:        # each round starts with a throughput probe

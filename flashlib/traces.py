@@ -130,7 +130,7 @@ class Trace:
 
 
 @contextmanager
-def _torch_threads(n: int):
+def torch_threads(n: int):
     """Run a block with ``n`` torch threads, then restore the caller's setting."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
@@ -162,7 +162,7 @@ def generate_trace(cfg: TraceConfig, progress: bool = True) -> Trace:
     delta = delta.astype(np.float32)[:, None]              # [L, 1] predictor threshold offsets
     active = np.empty((T, L, d), dtype=bool)
     predicted = np.empty((T, L, d), dtype=bool)
-    with _torch_threads(1):
+    with torch_threads(1):
         _run_chain(torch.from_numpy(mu), torch.from_numpy(delta), torch.from_numpy(active),
                    torch.from_numpy(predicted), cfg, progress)     # fills the masks in place
     return Trace(active, predicted, rates, neuron_rate, cfg)

@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from flashlib import engine as eng
-from flashlib.config import ENGINE, MaskRule, PREDICTOR_PRESETS
+from flashlib.config import ENGINE, MaskRule
 from flashlib.dram import DramBudgetError
 from flashlib.models import ffn_adapter, load_model
 from flashlib.predictor import PredictorMeta, Predictors

@@ -4,25 +4,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 from flashlib import sparsity as sp
 from flashlib.config import MaskRule
 from flashlib.models import ffn_adapter
-
-
-def tiny_opt(seed=0):
-    torch.manual_seed(seed)
-    cfg = OPTConfig(vocab_size=64, hidden_size=16, ffn_dim=48, num_hidden_layers=2, num_attention_heads=2,
-                    max_position_embeddings=64, word_embed_proj_dim=16, activation_function="relu")
-    return OPTForCausalLM(cfg).eval()
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=40, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
+from tiny_models import tiny_llama, tiny_opt
 
 
 # --- masks ------------------------------------------------------------------------------
