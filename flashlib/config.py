@@ -306,7 +306,7 @@ class QualityConfig:
     seq_len: int = 256
     batch_size: int = 8
     max_tokens: int = 8192           # per domain
-    densities: tuple = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)   # SmolLM2: perplexity vs kept share
+    densities: tuple = (0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)   # SmolLM2: ppl vs kept share
     ppl_tolerance: float = 0.05      # "within 5% of dense" (SmolLM2 acceptance)
 
 

@@ -905,14 +905,15 @@ def _paperscale_pagecache(args) -> tuple[list[dict], dict]:
 def _paperscale_engine(args) -> tuple[list[dict], dict]:
     """The engine's paper-scale replay (``paperscale.Replayer``) for the listed Table 2 rows, one block each."""
     from .config import paper_scale_config
-    from .paperscale import Replayer, flash_paths, matrix_rows, methods, trace_config, _torch_threads
+    from .paperscale import Replayer, flash_paths, matrix_rows, methods, trace_config
+    from .traces import torch_threads
     from .traces import generate_trace
     cfg = paper_scale_config()
     trace = generate_trace(trace_config(cfg), progress=False)
     caps = matrix_rows(cfg, progress=False)
     wanted = [m for m in methods(cfg) if m.name in args.engine_methods.split(",")]
     rows = []
-    with torch.inference_mode(), _torch_threads(cfg.threads), Replayer(cfg, trace, caps, flash_paths(cfg)) as rep:
+    with torch.inference_mode(), torch_threads(cfg.threads), Replayer(cfg, trace, caps, flash_paths(cfg)) as rep:
         setup = own_group_usage(reset=True) if args.reset_peak else None
         for m in wanted:
             n = cfg.sparse_tokens if m.kind == "sparse" else cfg.dense_tokens

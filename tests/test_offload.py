@@ -174,13 +174,31 @@ def test_variants_add_baselines_at_the_paper_fraction():
                  "pagecache@0.5": ("pagecache", 500), "accelerate@0.5": ("accelerate", 500)}
 
 
-def test_paper_scale_page_cache_pages_in_the_naive_bytes_of_each_layer():
+@pytest.fixture(scope="module")
+def tiny_geometry():
+    """A two-layer 'paper geometry' small enough for a test, both flash files written under build/smoke."""
     from flashlib import paperscale as ps
     from flashlib.config import PaperScaleConfig
-    cfg = PaperScaleConfig(folder="test-offload-geometry", n_layers=2, d_model=128, d_ffn=256, n_heads=4,
+    cfg = PaperScaleConfig(folder="test-offload-geometry", n_layers=2, d_model=256, d_ffn=1024, n_heads=4,
                            vocab_size=128, max_positions=64, predictor_rank=8, predictor_rank_sensitive=16,
-                           predictor_sensitive_layers=1, flash_preset="compact", n_tokens=8, resident_copies=1)
+                           predictor_sensitive_layers=1, flash_preset="compact", n_tokens=32, resident_copies=1,
+                           window_k=2, sparse_tokens=2, prompt_tokens=8)
     ps.ensure_flash_files(cfg, smoke=True, progress=False)
+    return cfg
+
+
+def test_paper_scale_workers_run_the_engine_and_the_page_cache(tiny_geometry):
+    rows, info = ol.paperscale_engine_rows(tiny_geometry, 0, ("bundling", "naive"))
+    d = pd.DataFrame(rows)
+    assert sorted(d["method"]) == ["bundling", "bundling", "naive"] and info["io_mode"]
+    assert (d.loc[d.method == "naive", "bytes_read"] > d.loc[d.method == "bundling", "bytes_read"].max()).all()
+    rows, info = ol.paperscale_pagecache_rows(tiny_geometry, 0, 2)
+    assert info["resident_at_start"] == 0.0 and rows[0]["bytes_read"] > 0 and len(rows) == 2
+
+
+def test_paper_scale_page_cache_pages_in_the_naive_bytes_of_each_layer(tiny_geometry):
+    from flashlib import paperscale as ps
+    cfg = tiny_geometry
     pc = ol.PaperScalePageCache(cfg)
     standin, ffn = pc.regions(1)
     assert standin.nbytes == ps.nonffn_rows(cfg) * ps.bundle_bytes(cfg)          # the naive row's non-FFN bytes

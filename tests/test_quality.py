@@ -89,3 +89,5 @@ def test_density_sweep_and_lowest_density_within():
                          "ppl_ratio": [1.20, 1.04, 1.01, 1.10]})
     assert q.lowest_density_within(hand, "oracle", 0.05) == 0.5
     assert math.isnan(q.lowest_density_within(hand, "predicted", 0.05))
+    two = pd.concat([hand.assign(domain="a"), hand.assign(domain="b", ppl_ratio=[1.2, 1.06, 1.03, 1.0])])
+    assert q.lowest_density_within(two, "oracle", 0.05) == 0.7           # the worst domain decides
