@@ -270,7 +270,7 @@ class PredictorConfig:
 
 PREDICTOR_PRESETS = {
     # the paper's own setting, for reference (OPT 6.7B: 128 x 28 layers, 1024 x last 4)
-    "paper-opt67b": PredictorConfig(threshold_mode="prob"),
+    "paper-opt67b": PredictorConfig(threshold_mode="prob", svd_init=False),
     # our ReLU OPT's predictors are far sharper than the paper's (3x at 5% FN): recall at 3x
     # is 100% every epoch, so epochs are compared at the true density and 1% FN is affordable
     "relu-opt": PredictorConfig(rank_fraction=1 / 8, sensitive_rank_fraction=1 / 4, select_ratio=1.0,

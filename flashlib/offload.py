@@ -48,6 +48,7 @@ import torch
 from .config import OffloadConfig, PaperScaleOffloadConfig, offload_config, paper_scale_offload_config
 from .engine import Counters, TokenClock, install_step_hooks, run_generate
 from .store import evict_from_page_cache, resident_fraction
+from .traces import torch_threads
 
 RESULT_MARK = "FLASHLIB_RESULT "          # the worker's JSON line on stdout starts with this
 GROUP_PREFIX = "flashlib-"                # child cgroups we create (and may remove)
@@ -888,43 +889,44 @@ class PaperScalePageCache:
                 "bytes_read": proc_read_bytes() - r0, "reads": major_faults() - f0}
 
 
-def _paperscale_pagecache(args) -> tuple[list[dict], dict]:
-    from .config import paper_scale_config
-    cfg = paper_scale_config()
-    pc = PaperScalePageCache(cfg, same_layer=args.same_layer)
+def paperscale_pagecache_rows(cfg, start: int, tokens: int, *, same_layer: bool = False, evict: bool = True,
+                              reset_peak: bool = False) -> tuple[list[dict], dict]:
+    """The page-cache worker's work at geometry ``cfg``: ``tokens`` tokens from trace position ``start``."""
+    pc = PaperScalePageCache(cfg, same_layer=same_layer)
     files = list(pc.files.values())
-    resident = files_resident(files) if args.no_evict else evict_files(files)
-    torch.set_num_threads(cfg.threads)
+    resident = evict_files(files) if evict else files_resident(files)
     release_free_memory()
-    setup = own_group_usage(reset=True) if args.reset_peak else None
-    with torch.inference_mode():
-        rows = [pc.token(args.start + i) for i in range(args.tokens)]
+    setup = own_group_usage(reset=True) if reset_peak else None
+    with torch.inference_mode(), torch_threads(cfg.threads):
+        rows = [pc.token(start + i) for i in range(tokens)]
     return rows, {"resident_at_start": resident, "setup_group": setup, "files": [str(f) for f in files]}
 
 
-def _paperscale_engine(args) -> tuple[list[dict], dict]:
-    """The engine's paper-scale replay (``paperscale.Replayer``) for the listed Table 2 rows, one block each."""
-    from .config import paper_scale_config
+def paperscale_engine_rows(cfg, start: int, engine_methods, *, reset_peak: bool = False) -> tuple[list[dict], dict]:
+    """The engine's paper-scale replay (``paperscale.Replayer``) for the named Table 2 rows, one block each."""
     from .paperscale import Replayer, flash_paths, matrix_rows, methods, trace_config
-    from .traces import torch_threads
     from .traces import generate_trace
-    cfg = paper_scale_config()
     trace = generate_trace(trace_config(cfg), progress=False)
     caps = matrix_rows(cfg, progress=False)
-    wanted = [m for m in methods(cfg) if m.name in args.engine_methods.split(",")]
+    wanted = [m for m in methods(cfg) if m.name in engine_methods]
     rows = []
     with torch.inference_mode(), torch_threads(cfg.threads), Replayer(cfg, trace, caps, flash_paths(cfg)) as rep:
-        setup = own_group_usage(reset=True) if args.reset_peak else None
+        release_free_memory()
+        setup = own_group_usage(reset=True) if reset_peak else None
         for m in wanted:
-            n = cfg.sparse_tokens if m.kind == "sparse" else cfg.dense_tokens
-            rows += rep.block(m, args.start, n)
+            rows += rep.block(m, start, cfg.sparse_tokens if m.kind == "sparse" else cfg.dense_tokens)
         io_mode = rep.io_mode
     return rows, {"setup_group": setup, "io_mode": io_mode}
 
 
 def paperscale_worker_main(args) -> dict:
-    t0, t_start = time.perf_counter(), time.time()
-    rows, info = (_paperscale_pagecache if args.method == "pagecache" else _paperscale_engine)(args)
+    from .config import paper_scale_config
+    cfg, t0, t_start = paper_scale_config(), time.perf_counter(), time.time()
+    if args.method == "pagecache":
+        rows, info = paperscale_pagecache_rows(cfg, args.start, args.tokens, same_layer=args.same_layer,
+                                               evict=not args.no_evict, reset_peak=args.reset_peak)
+    else:
+        rows, info = paperscale_engine_rows(cfg, args.start, args.engine_methods.split(","), reset_peak=args.reset_peak)
     return {"method": args.method, "rows": rows, "t_start": t_start, "t_end": time.time(),
             "wall_s": time.perf_counter() - t0, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             **info}
