@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 
 from .config import DRAM
+from .kernels import matrix_update
 
 
 class DramBudgetError(MemoryError):
@@ -34,11 +35,31 @@ def _ids(neuron_ids, d_ffn: int, what: str) -> np.ndarray:
     """Unique, in-range int64 ids (numpy), or a ValueError naming the problem."""
     a = neuron_ids.detach().cpu().numpy() if hasattr(neuron_ids, "detach") else np.asarray(neuron_ids)
     ids = a.astype(np.int64, copy=False).reshape(-1)
-    if ids.size and (ids.min() < 0 or ids.max() >= d_ffn):
+    if ids.size < 2:
+        lo = hi = ids[0] if ids.size else 0
+    elif (ids[1:] > ids[:-1]).all():          # strictly increasing (the window's ids): unique, ends bound
+        lo, hi = ids[0], ids[-1]
+    else:
+        if np.unique(ids).size != ids.size:
+            raise ValueError(f"{what}: neuron ids contain duplicates")
+        lo, hi = ids.min(), ids.max()
+    if lo < 0 or hi >= d_ffn:
         raise ValueError(f"{what}: neuron ids must lie in [0, {d_ffn}), got [{ids.min()}, {ids.max()}]")
-    if np.unique(ids).size != ids.size:
-        raise ValueError(f"{what}: neuron ids contain duplicates")
     return ids
+
+
+_WORD = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _words(t: torch.Tensor) -> np.ndarray:
+    """Numpy view of a CPU tensor as integers of its item size (any dtype, bf16 included), so
+    row copies are plain word copies: ``[..., n]`` keeps its shape."""
+    word = _WORD[t.element_size()]
+    if t.numel() == 0:                                 # empty: a fresh (never written) array
+        return np.zeros(tuple(t.shape), dtype=torch.empty(0, dtype=word).numpy().dtype)
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t.detach().view(word).numpy()
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -123,9 +144,12 @@ class _MatrixBase:
         of a gated FFN, whose other rows would add non-zero terms.
         """
         x = x.to(self.dtype)
-        pre = x @ self.vector("up").T                                   # [..., num_used]
-        if "bias" in self.scalar_names:
-            pre = pre + self.scalar("bias")
+        up = self.vector("up")
+        if "bias" in self.scalar_names:                                 # one fused call for a token [1, d]
+            b = self.scalar("bias")
+            pre = torch.addmm(b, x, up.T) if x.dim() == 2 else x @ up.T + b       # [..., num_used]
+        else:
+            pre = x @ up.T
         h = act(x @ self.vector("gate").T) * pre if "gate" in self.vector_names else act(pre)
         if only is not None:
             rows = self.row_of[_ids(only, self.d_ffn, "ffn only")]
@@ -147,16 +171,40 @@ class _MatrixBase:
                 f"insert of {ids.size} rows into a matrix holding {self.num_used} of {self.capacity} "
                 f"rows ({self.bytes_capacity} B): over capacity by {self.num_used + ids.size - self.capacity} "
                 f"rows; allocate more rows (a larger budget) or use a smaller window k")
-        rows = _torch_rows(rows, ids.size, self.bundle_width, "insert rows")
+        return (ids, *self._payload(ids.size, rows, scalars))
+
+    def _payload(self, n: int, rows, scalars) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``rows`` as ``[n, bundle_width]`` and the scalars as ``[n, n_scalars]`` (None without scalars)."""
+        rows = _torch_rows(rows, n, self.bundle_width, "insert rows")
         sc = None
         if self.scalar_names:
             if scalars is None or set(scalars) != set(self.scalar_names):
                 raise ValueError(f"insert: scalars must give exactly {self.scalar_names}, "
                                  f"got {None if scalars is None else sorted(scalars)}")
-            sc = torch.stack([torch.as_tensor(scalars[n]).reshape(-1) for n in self.scalar_names], dim=1)
-            if sc.shape[0] != ids.size:
-                raise ValueError(f"insert: scalars have {sc.shape[0]} rows for {ids.size} neurons")
-        return ids, rows, sc
+            sc = torch.stack([torch.as_tensor(scalars[k]).reshape(-1) for k in self.scalar_names], dim=1) \
+                if len(self.scalar_names) > 1 else torch.as_tensor(scalars[self.scalar_names[0]]).reshape(-1, 1)
+            if sc.shape[0] != n:
+                raise ValueError(f"insert: scalars have {sc.shape[0]} rows for {n} neurons")
+        return rows, sc
+
+    def _check_update(self, evict, load) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``update``'s id checks, each once: (evict ids, load ids, load ids that are resident now).
+
+        A neuron may leave and come back in one update (delete, then insert); one resident and
+        not evicted cannot be loaded again, and the result must fit the capacity.
+        """
+        ev = self._check_delete(evict)
+        lid = _ids(load, self.d_ffn, "insert")
+        back = lid[self.row_of[lid] >= 0]
+        stay = np.setdiff1d(back, ev) if back.size else back
+        if stay.size:
+            raise ValueError(f"insert: neurons already resident: {stay[:10].tolist()}")
+        over = self.num_used - ev.size + lid.size - self.capacity
+        if over > 0:
+            raise DramBudgetError(f"update: {lid.size} rows in, {ev.size} out of a matrix holding {self.num_used} "
+                                  f"of {self.capacity} rows: over capacity by {over} rows; allocate more rows "
+                                  "(a larger budget) or use a smaller window k")
+        return ev, lid, back
 
     def _check_delete(self, neuron_ids) -> np.ndarray:
         ids = _ids(neuron_ids, self.d_ffn, "delete")
@@ -166,9 +214,12 @@ class _MatrixBase:
         return ids
 
     def update(self, evict, load, rows, scalars=None) -> None:
-        """One token's memory management: delete ``evict``, then insert ``load`` with ``rows``."""
-        self.delete(evict)
-        self.insert(load, rows, scalars)
+        """One token's memory management: delete ``evict``, then insert ``load`` with ``rows``
+        (both checked first: nothing changes on error)."""
+        ev, lid, _ = self._check_update(evict, load)
+        self._payload(lid.size, rows, scalars)
+        self.delete(ev)
+        self.insert(lid, rows, scalars)
 
 
 class NeuronMatrix(_MatrixBase):
@@ -184,6 +235,40 @@ class NeuronMatrix(_MatrixBase):
         self.matrix = torch.zeros(self.capacity, self.bundle_width, dtype=dtype, device=self.device)
         self.scalars = torch.zeros(self.capacity, len(self.scalar_names), dtype=dtype, device=self.device)
         self.pointer = np.full(self.capacity, -1, dtype=np.int64)
+        # On the CPU rows move through integer numpy views of the same memory (any dtype): a token
+        # moves a handful of rows, where torch's per-call dispatch costs more than the copy,
+        # and update() is one compiled call (kernels.matrix_update).
+        host = self.device.type == "cpu"
+        self._mat_np = _words(self.matrix) if host else None
+        self._sc_np = _words(self.scalars) if host else None
+
+    def _move_rows(self, dst: np.ndarray, src: np.ndarray) -> None:
+        """Rows ``src`` -> rows ``dst`` (disjoint), weights, scalars and the index."""
+        if self._mat_np is not None:
+            self._mat_np[dst] = self._mat_np[src]
+            if self.scalar_names:
+                self._sc_np[dst] = self._sc_np[src]
+        else:
+            d, s_ = torch.from_numpy(dst).to(self.device), torch.from_numpy(src).to(self.device)
+            self.matrix.index_copy_(0, d, self.matrix.index_select(0, s_))
+            if self.scalar_names:
+                self.scalars.index_copy_(0, d, self.scalars.index_select(0, s_))
+        self.pointer[dst] = self.pointer[src]
+        self.row_of[self.pointer[dst]] = dst
+
+    def _write_rows(self, dst, ids: np.ndarray, rows: torch.Tensor, sc: torch.Tensor | None) -> None:
+        """New bundles (and scalars) of neurons ``ids`` into rows ``dst`` (an index array or a slice)."""
+        if self._mat_np is not None and rows.device.type == "cpu":
+            self._mat_np[dst] = _words(rows.to(self.dtype))
+            if sc is not None:
+                self._sc_np[dst] = _words(sc.to(self.dtype))
+        else:
+            d = dst if isinstance(dst, slice) else torch.from_numpy(dst).to(self.device)
+            self.matrix[d] = rows.to(device=self.device, dtype=self.dtype)
+            if sc is not None:
+                self.scalars[d] = sc.to(device=self.device, dtype=self.dtype)
+        self.pointer[dst] = ids
+        self.row_of[ids] = np.arange(self.capacity)[dst]
 
     @classmethod
     def from_budget(cls, budget_bytes: int, d_model: int, d_ffn: int, vector_names=("up", "down"),
@@ -217,15 +302,73 @@ class NeuronMatrix(_MatrixBase):
         tail_evicted[rows[rows >= n_after] - n_after] = True
         sources = n_after + np.flatnonzero(~tail_evicted)     # surviving rows past the new end
         if holes.size:
-            h, s = torch.from_numpy(holes).to(self.device), torch.from_numpy(sources).to(self.device)
-            self.matrix[h] = self.matrix[s]                  # disjoint row sets: no aliasing
-            self.scalars[h] = self.scalars[s]
-            self.pointer[holes] = self.pointer[sources]
-            self.row_of[self.pointer[holes]] = holes
+            self._move_rows(holes, sources)                    # disjoint row sets
         self.row_of[ids] = -1
         self.pointer[n_after: self.num_used] = -1
         self.num_used = n_after
         return int(holes.size)
+
+    def update(self, evict, load, rows, scalars: dict | None = None) -> None:
+        """One token's memory management in one pass: delete ``evict``, insert ``load`` with ``rows``.
+
+        The same resident set as ``delete`` then ``insert`` (row order aside) with fewer copies:
+        the loaded bundles are written straight into the evicted rows' holes (then appended),
+        and only when fewer neurons load than leave do the last rows move into the holes that
+        are left (Fig 6's move). The paper deletes, then appends; this saves one row move per
+        loaded neuron and a pass of index work (measured in notebook 07). Every check comes
+        first: nothing changes on error.
+        On the CPU, sorted int64 ids and tensor rows take one compiled call that checks and
+        applies (``kernels.matrix_update``); anything it refuses goes through the general path
+        below, which names the problem.
+        """
+        if self._mat_np is not None and self._fast_update(evict, load, rows, scalars):
+            return
+        ev, lid, back = self._check_update(evict, load)
+        rows, sc = self._payload(lid.size, rows, scalars)
+        if not ev.size or back.size:                     # nothing to fuse, or neurons leaving and coming back
+            self.delete(ev)
+            self.insert(lid, rows, scalars)
+            return
+        n0, n_load = self.num_used, lid.size
+        n1 = n0 - ev.size + n_load
+        gone = self.row_of[ev]
+        holes = np.sort(gone[gone < n1])                     # evicted rows inside the final filled region
+        if n1 < n0:                                          # survivors past the new end fill holes[n_load:]
+            tail = np.ones(n0 - n1, dtype=bool)
+            tail[gone[gone >= n1] - n1] = False
+            src, dst = n1 + np.flatnonzero(tail), holes[n_load:]
+            if dst.size:
+                self._move_rows(dst, src)
+            new = holes[:n_load]
+            self.pointer[n1:n0] = -1
+        else:
+            new = np.concatenate((holes, np.arange(n0, n1)))
+        self.row_of[ev] = -1
+        if n_load:
+            self._write_rows(new, lid, rows, sc)
+        self.num_used = n1
+
+    def _fast_update(self, evict, load, rows, scalars) -> bool:
+        """``update`` in one compiled call; False (nothing changed) when the kernel's checks or
+        the input forms do not hold."""
+        if not (type(evict) is np.ndarray and type(load) is np.ndarray and evict.dtype == load.dtype == np.int64
+                and evict.ndim == load.ndim == 1 and isinstance(rows, torch.Tensor) and rows.device.type == "cpu"):
+            return False
+        if self.scalar_names:
+            sc = scalars.get(self.scalar_names[0]) if isinstance(scalars, dict) and len(scalars) == 1 else None
+            if len(self.scalar_names) != 1 or not isinstance(sc, torch.Tensor) or sc.device.type != "cpu":
+                return False
+            sc = _words(sc.reshape(-1, 1).to(self.dtype))
+        elif scalars:
+            return False
+        else:
+            sc = np.zeros((load.size, 0), self._sc_np.dtype)
+        n1 = matrix_update(self._mat_np, self._sc_np, _words(rows.to(self.dtype)), sc, evict, load,
+                           self.row_of, self.pointer, self.num_used)
+        if n1 < 0:
+            return False
+        self.num_used = n1
+        return True
 
     def insert(self, neuron_ids, rows, scalars: dict | None = None) -> None:
         """Write bundles ``rows [n, bundle_width]`` (and per-row scalars) at rows num_used .. num_used+n-1.
@@ -234,11 +377,7 @@ class NeuronMatrix(_MatrixBase):
         """
         ids, rows, sc = self._check_insert(neuron_ids, rows, scalars)
         n0, n1 = self.num_used, self.num_used + ids.size
-        self.matrix[n0:n1].copy_(rows)
-        if sc is not None:
-            self.scalars[n0:n1].copy_(sc)
-        self.pointer[n0:n1] = ids
-        self.row_of[ids] = np.arange(n0, n1)
+        self._write_rows(slice(n0, n1), ids, rows, sc)
         self.num_used = n1
 
 
@@ -364,13 +503,16 @@ def capacity_for_window(peak_rows: int, d_ffn: int, margin: float = DRAM.capacit
 
 
 def dram_bytes_moved(n_resident: int, n_evict: int, n_load: int, bytes_per_row: int,
-                     naive: bool = False) -> int:
+                     naive: bool = False, one_pass: bool = False) -> int:
     """Bytes written in DRAM by one token's update (cost-model input, paper sec 3.3).
 
-    Preallocated: an upper bound, one row moved per eviction (fewer when evicted rows sit at the
-    end of the filled region) plus the new rows, O(c * d_model).
+    Preallocated (the paper: delete, then insert): an upper bound, one row moved per eviction
+    (fewer when evicted rows sit at the end of the filled region) plus the new rows, O(c * d_model).
+    ``one_pass`` (``NeuronMatrix.update``): the new rows fill the holes, so only the evictions
+    beyond the loads move a row.
     Naive: every surviving row is copied (twice: gather, then cat) plus the new rows.
     """
     if naive:
         return (2 * (n_resident - n_evict) + n_load) * bytes_per_row
-    return (min(n_evict, max(0, n_resident - n_evict)) + n_load) * bytes_per_row
+    moves = max(0, n_evict - n_load) if one_pass else n_evict
+    return (min(moves, max(0, n_resident - n_evict)) + n_load) * bytes_per_row

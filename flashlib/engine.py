@@ -5,9 +5,9 @@ and layer, runs the paper's loop::
 
     active set (all | oracle | predictor on the FFN input x)
       -> SlidingWindow.update          which neurons to load / evict (window k)
-      -> NeuronMatrix.delete(evict)    move the last rows into the holes (Fig 6)
       -> FlashStore.read(load)         O_DIRECT reads into a preallocated aligned buffer
-      -> NeuronMatrix.insert(load)     append the new bundles (+ up-projection bias)
+      -> NeuronMatrix.update(evict, load)  the new bundles (+ up-projection bias) fill the evicted
+                                       rows, then append; the last rows fill what is left (Fig 6)
       -> y = matrix.ffn(x)             over ALL resident rows (zeros add nothing for ReLU)
 
 A prompt of T tokens is processed one token at a time inside the module, so prefill and decode
@@ -16,7 +16,7 @@ The DRAM budget (``DramBudget``) holds the resident part (embeddings, attention,
 predictors, the read buffer) and the per-layer matrices, sized (Req_i) from a calibration trace
 on the training split; a budget that cannot hold them is refused before any flash read. A forward
 pre/post hook on the model times every step: io_ms (inside reads), mem_ms (window logic +
-matrix delete/insert), compute_ms (everything else: predictor, FFN, attention, sampling).
+matrix update), compute_ms (everything else: predictor, FFN, attention, sampling).
 There is no fallback to dense compute: a failed or short read stops generation with an error.
 """
 from __future__ import annotations
@@ -58,7 +58,7 @@ class Counters:
     """Cumulative work of one runner; a step's row is the difference of two snapshots."""
 
     io_s: float = 0.0            # wall time inside flash reads
-    mem_s: float = 0.0           # window logic + DRAM matrix delete/insert
+    mem_s: float = 0.0           # window logic + DRAM matrix update (evict + load)
     bytes_read: int = 0
     reads: int = 0               # preadv calls
     neurons_loaded: int = 0
@@ -513,7 +513,7 @@ class SparseEngine:
         st, c = self.layers[layer], self.counters
         mask_t, score = self.active.batch(layer, x)
         mask = mask_t[0].cpu().numpy()
-        n_active = int(mask.sum())
+        n_active = np.count_nonzero(mask)
         if n_active > st.capacity:            # never exceed the matrix: keep the highest scores
             keep = torch.where(mask_t[0], score[0], torch.finfo(score.dtype).min).topk(st.capacity).indices
             mask = np.zeros_like(mask)
@@ -525,10 +525,10 @@ class SparseEngine:
         if step.n_resident > st.capacity:
             evict = np.union1d(evict, st.window.shrink_to_fit(st.capacity))
             c.shrunk += 1
-        if evict.size:
-            st.matrix.delete(evict)
         io = 0.0
         n, cap = step.load.size, self.buffer.capacity
+        if n == 0 and evict.size:
+            st.matrix.delete(evict)
         for s in range(0, n, cap):            # a load larger than the read buffer goes in rounds
             ids = step.load[s:s + cap]
             t_r = time.perf_counter()
@@ -536,7 +536,8 @@ class SparseEngine:
             t_i = time.perf_counter()
             io += t_i - t_r
             bias = None if st.bias is None else {"bias": st.bias[torch.from_numpy(ids).to(st.bias.device)]}
-            st.matrix.insert(ids, self._loaded_rows(ids.size), bias)
+            # evict and load in one pass: the new bundles fill the evicted rows (dram.NeuronMatrix.update)
+            st.matrix.update(evict if s == 0 else evict[:0], ids, self._loaded_rows(ids.size), bias)
         t3 = time.perf_counter()
         c.io_s += io
         c.mem_s += t3 - t0 - io

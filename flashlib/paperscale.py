@@ -15,8 +15,8 @@ exactly, and its compute is a matter of matrix sizes, which we run at the true s
    sizes them on other text than it measures.
 3. Replay (``replay``): per token and layer, the engine's machinery, in the order of a real layer:
    attention -> predictor (synthetic low rank; the set itself comes from the trace) ->
-   ``SlidingWindow.update`` -> ``NeuronMatrix.delete`` -> ``FlashStore.read`` (O_DIRECT, 32
-   threads, file evicted before every block) -> ``NeuronMatrix.insert`` -> sparse FFN over the
+   ``SlidingWindow.update`` -> ``FlashStore.read`` (O_DIRECT, 32 threads, file evicted before
+   every block) -> ``NeuronMatrix.update`` (evict + load in one pass) -> sparse FFN over the
    resident rows (restricted to the token's predicted set); after the last layer the tied LM head.
    Naive and hybrid read densely (1 MiB reads over 32 threads) and run the dense FFN.
 
@@ -456,7 +456,7 @@ class Replayer:
         tally.io_s += time.perf_counter() - t
 
     def _sparse_token(self, m: Method, wins: list, t: int, timed: bool) -> dict:
-        """Per layer: attention, predictor | window, delete | read | insert | sparse FFN; then the LM head."""
+        """Per layer: attention, predictor | window | read | update (evict + load) | sparse FFN; then the LM head."""
         cfg, comp, store = self.cfg, self.compute, self.stores[m.layout]
         tally, io0, cpu0, t0 = _Tally(), self._io_totals(), time.process_time(), time.perf_counter()
         h = comp.x0.clone()
@@ -475,12 +475,11 @@ class Replayer:
             if step.n_resident > cap:
                 gone = np.concatenate([gone, win.shrink_to_fit(cap)])
                 tally.shrunk += 1
-            mat.delete(gone)
             tally.mem_s += time.perf_counter() - tm
             self._read(store, l, step.load, tally)
             tm = time.perf_counter()
-            ids = torch.from_numpy(step.load)
-            mat.insert(step.load, self.buf.bundles(step.load.size, torch=True), {"bias": comp.bias[l][ids]})
+            ids = torch.from_numpy(step.load)            # evict + load in one pass, as the engine does
+            mat.update(gone, step.load, self.buf.bundles(step.load.size, torch=True), {"bias": comp.bias[l][ids]})
             tally.mem_s += time.perf_counter() - tm
             tally.loaded += step.load.size
             tally.evicted += gone.size

@@ -82,8 +82,8 @@ class LowRankPredictor(nn.Module):
         self.hidden_act = hidden_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.down(x)
-        return self.up(torch.relu(h) if self.hidden_act == "relu" else h)
+        h = F.linear(x, self.down.weight)      # F.linear, not the submodules: per-token calls are tiny
+        return F.linear(torch.relu(h) if self.hidden_act == "relu" else h, self.up.weight, self.up.bias)
 
 
 class GateResidentPredictor(nn.Module):

@@ -124,18 +124,25 @@ class ReadPool:
     deques, whose popleft/pop are atomic in CPython, so neither side takes a lock.
     ``submit`` returns at once (the caller can prepare the next batch or compute); ``wait``
     blocks until the batch is done and re-raises the first error. iobench.py measures
-    throughput with this same class.
+    throughput with this same class. ``run`` (synchronous) makes the calling thread one more
+    reader: it takes the first slice itself and wakes a worker only for the others, so a batch
+    of one read never leaves the caller. Waking a worker costs about what a 4 KiB O_DIRECT read
+    does on this machine (one 2 KiB bundle: 116 us through the pool vs 65 us inline, measured),
+    and the engine's per-layer batches are mostly one to a few reads. So ``run`` wakes a worker
+    only per ``min_slice_bytes`` of the batch (16 KiB: for 2 KiB reads, 8 per slice was the
+    fastest of 1/2/4/8/16 per slice at 4-256 reads; large reads still get one thread each).
     """
 
     def __init__(self, fd: int, n_threads: int, *, drop_after_read: bool = False,
-                 steal: bool = True):
+                 steal: bool = True, min_slice_bytes: int = 16 * 1024):
         if n_threads < 1:
             raise ValueError(f"n_threads must be >= 1, got {n_threads}")
         self.fd, self.n_threads = fd, n_threads
+        self.min_slice_bytes = min_slice_bytes
         self.drop_after_read, self.steal = drop_after_read, steal
         self._start = [threading.Semaphore(0) for _ in range(n_threads)]
         self._done = threading.Semaphore(0)
-        self._queues: list = [deque() for _ in range(n_threads)]
+        self._queues: list = [deque() for _ in range(n_threads + 1)]   # the last one: run()'s caller
         self._errors: list = [None] * n_threads
         self._pending = 0
         self._closed = False
@@ -209,10 +216,41 @@ class ReadPool:
             raise errors[0]
 
     def run(self, reads: list) -> int:
-        """Read a whole batch; returns the bytes read."""
-        nbytes = self.submit(reads)
+        """Read a whole batch, the calling thread included; returns the bytes read."""
+        if self._closed:
+            raise RuntimeError("ReadPool is closed")
+        if self._pending:
+            raise RuntimeError("ReadPool.run: a submitted batch was not waited for")
+        if not reads:
+            return 0
+        sizes = list(map(_NBYTES, reads))
+        total = sum(sizes)
+        bounds = _balanced_slices(sizes, min(self.n_threads + 1, max(1, total // self.min_slice_bytes)))
+        mine = self._queues[-1]
+        mine.extend(reads[bounds[0]:bounds[1]])
+        workers = len(bounds) - 2                  # slices after the caller's, one worker each
+        for t in range(workers):
+            self._queues[t].extend(reads[bounds[t + 1]:bounds[t + 2]])
+        for t in range(workers):
+            self._start[t].release()
+        self._pending = workers
+        try:
+            self._drain(mine)
+            while self.steal and workers:
+                victim = max(self._queues, key=len)
+                if not victim:
+                    break
+                self._drain(victim, steal=True)
+        except BaseException:
+            for q in self._queues:                 # stop the batch: nothing else will be read
+                q.clear()
+            try:
+                self.wait()
+            except Exception:
+                pass
+            raise
         self.wait()
-        return nbytes
+        return total
 
     def close(self) -> None:
         if self._closed:

@@ -25,9 +25,12 @@ every token loads its whole active set; its load and evict sets may overlap (evi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
+
+from .kernels import window_advance
 
 
 def as_mask(active, d_ffn: int) -> np.ndarray:
@@ -45,8 +48,25 @@ def as_mask(active, d_ffn: int) -> np.ndarray:
     return m
 
 
-@dataclass(frozen=True)
-class WindowStep:
+_NO_IDS = np.zeros(0, dtype=np.int64)
+
+
+def as_ids(active, d_ffn: int) -> np.ndarray:
+    """Sorted unique int64 ids ``[n]`` from a mask ``[d_ffn]`` (numpy/torch bool) or from ids."""
+    if type(active) is np.ndarray and active.dtype == np.bool_ and active.shape == (d_ffn,):
+        return np.flatnonzero(active)                # the engine's form: one call
+    a = active.detach().cpu().numpy() if hasattr(active, "detach") else np.asarray(active)
+    if a.dtype == np.bool_:
+        if a.shape != (d_ffn,):
+            raise ValueError(f"active mask has shape {a.shape}, expected ({d_ffn},)")
+        return np.flatnonzero(a)
+    ids = np.unique(a.astype(np.int64, copy=False).reshape(-1))
+    if ids.size and (ids[0] < 0 or ids[-1] >= d_ffn):
+        raise ValueError(f"active ids must lie in [0, {d_ffn}); got [{ids[0]}, {ids[-1]}]")
+    return ids
+
+
+class WindowStep(NamedTuple):
     """What one token asks of one layer. Ids are sorted int64 arrays."""
 
     load: np.ndarray      # [n_load] ids to read from flash and insert
@@ -75,10 +95,12 @@ class WindowStats:
 
 @dataclass
 class SlidingWindow:
-    """One layer's window: a ring buffer of the last k active masks and a per-neuron count.
+    """One layer's window: a ring of the last k tokens' active ids and a per-neuron count.
 
-    ``count[i]`` = how many of the buffered tokens have neuron i active, so resident = count > 0
-    and each update costs O(d_ffn) vectorised work, whatever the number of active neurons.
+    ``count[i]`` = how many of the buffered tokens have neuron i active, so resident = count > 0.
+    An update touches only the ids of the new token and of the token leaving the window
+    (O(|A_t| + |A_{t-k}|) work, no pass over all d_ffn neurons): load = the new ids not resident,
+    evict = the leaving ids whose count drops to zero and that the new token does not use.
     """
 
     d_ffn: int
@@ -94,9 +116,10 @@ class SlidingWindow:
 
     def reset(self) -> None:
         """Empty window and zeroed counters (a new sequence)."""
-        self._ring = np.zeros((max(self.k, 1), self.d_ffn), dtype=bool)   # [k, d_ffn]
+        self._ring: list = [_NO_IDS] * max(self.k, 1)                      # [k] sorted id arrays
         self._count = np.zeros(self.d_ffn, dtype=np.uint16)                # [d_ffn]
         self._resident = np.zeros(self.d_ffn, dtype=bool)                  # [d_ffn] = count > 0
+        self._n_resident = 0
         self._pos = 0
         self._filled = 0
         self.stats = WindowStats()
@@ -113,29 +136,29 @@ class SlidingWindow:
 
     @property
     def n_resident(self) -> int:
-        return int(self._resident.sum())
+        return self._n_resident
 
     def update(self, active) -> WindowStep:
         """Advance by one token with active set ``active`` (mask ``[d_ffn]`` or ids)."""
-        m = as_mask(active, self.d_ffn)
-        before = self._resident
+        ids = as_ids(active, self.d_ffn)
+        res = self._resident
         if self.k == 0:
-            after = m.copy()
-            load, evict = np.flatnonzero(m), np.flatnonzero(before)
+            evict = self._ring[0]                            # the previous token's set, all of it
             n_hits = 0
-        else:
-            if self._filled == self.k:
-                self._count -= self._ring[self._pos]     # token t-k leaves the window
-            self._ring[self._pos] = m
-            self._count += m
+            load = ids
+            res[evict] = False
+            res[ids] = True
+            self._ring[0] = ids
+            self._n_resident = ids.size
+        else:                                                # one compiled call (kernels.py)
+            full = self._filled == self.k                    # then token t-k leaves the window
+            load, evict = window_advance(ids, self._ring[self._pos], full, self._count, res)
+            self._filled += not full
+            self._ring[self._pos] = ids
             self._pos = (self._pos + 1) % self.k
-            self._filled = min(self._filled + 1, self.k)
-            after = self._count > 0
-            load = np.flatnonzero(m & ~before)
-            evict = np.flatnonzero(before & ~after)
-            n_hits = int(m.sum()) - load.size
-        self._resident = after
-        n_res = int(after.sum())
+            n_hits = ids.size - load.size
+            self._n_resident += load.size - evict.size
+        n_res = self._n_resident
         s = self.stats
         s.tokens += 1
         s.loaded += load.size
@@ -143,7 +166,7 @@ class SlidingWindow:
         s.hits += n_hits
         s.peak_resident = max(s.peak_resident, n_res)
         s.resident_sum += n_res
-        return WindowStep(load, evict, int(m.sum()), n_hits, n_res)
+        return WindowStep(load, evict, ids.size, n_hits, n_res)
 
     def shrink_to_fit(self, capacity: int) -> np.ndarray:
         """Forget the oldest buffered tokens until at most ``capacity`` neurons stay resident.
@@ -156,22 +179,25 @@ class SlidingWindow:
         The window grows back to k tokens as new tokens arrive. Raises ValueError when the
         current token's active set alone exceeds ``capacity``.
         """
-        current = self._resident if self.k == 0 or not self._filled else self._ring[(self._pos - 1) % self.k]
-        if current.sum() > capacity:                # checked first: nothing changes on error
-            raise ValueError(f"the current token alone has {int(current.sum())} active neurons, more than "
+        current = self._ring[0] if self.k == 0 else self._ring[(self._pos - 1) % self.k] \
+            if self._filled else _NO_IDS
+        if current.size > capacity:                 # checked first: nothing changes on error
+            raise ValueError(f"the current token alone has {current.size} active neurons, more than "
                              f"the capacity of {capacity} rows; truncate the active set first")
-        before = self._resident
-        while before.sum() > capacity and self._filled > 1:
+        dropped = []
+        while self._n_resident > capacity and self._filled > 1:
             oldest = (self._pos - self._filled) % self.k
-            self._count -= self._ring[oldest]
-            self._ring[oldest] = False
+            old, self._ring[oldest] = self._ring[oldest], _NO_IDS
+            self._count[old] -= 1
+            gone = old[self._count[old] == 0]
+            self._resident[gone] = False
+            self._n_resident -= gone.size
             self._filled -= 1
-            before = self._count > 0
-        dropped = np.flatnonzero(self._resident & ~before)
-        self._resident = before
-        self.stats.evicted += dropped.size
-        self.stats.resident_sum -= dropped.size    # peak_resident keeps the demand before shrinking
-        return dropped
+            dropped.append(gone)
+        out = np.sort(np.concatenate(dropped)) if dropped else _NO_IDS
+        self.stats.evicted += out.size
+        self.stats.resident_sum -= out.size        # peak_resident keeps the demand before shrinking
+        return out
 
 
 # --- whole-trace curves (Fig 4a) -----------------------------------------------------------

@@ -101,3 +101,14 @@ def test_a_truncated_stream_file_stops_generation(smoke, tmp_path):
     with pytest.raises(EngineError, match="short read"):
         run.generate(ids, max_new_tokens=2)
     run.close()
+
+
+def test_dense_reference_reads_nothing_and_equals_dense(smoke, root):
+    """The floor row of the latency tables: every weight resident, timed by the same hooks."""
+    from flashlib.experiments import build_runner
+    _, ids, dense = smoke
+    with build_runner("dense", "relu-opt-smoke", None, tokenizer=None, flash_root=root) as run:
+        r = run.generate(ids, max_new_tokens=NEW)
+        assert torch.equal(r.tokens, dense)
+        assert (r.stats["bytes_read"] == 0).all() and (r.stats["io_ms"] == 0).all()
+        assert run.bytes_resident() == run.model_bytes

@@ -36,6 +36,13 @@ def test_random_insert_delete_against_a_dict_model():
     d_ffn, d_model, cap = 64, 4, 40
     kw = dict(vector_names=("up", "down"), scalar_names=("bias",), dtype=torch.float32)
     pre, naive = NeuronMatrix(cap, d_model, d_ffn, **kw), NaiveNeuronMatrix(cap, d_model, d_ffn, **kw)
+    fused = NeuronMatrix(cap, d_model, d_ffn, **kw)                  # the engine's one-pass update()
+    fast_calls, real_fast = [], fused._fast_update
+
+    def counting_fast(*args):
+        fast_calls.append(real_fast(*args))
+        return fast_calls[-1]
+    fused._fast_update = counting_fast
     model, bias = {}, {}
     overflows = 0
     for step in range(3000):
@@ -49,7 +56,17 @@ def test_random_insert_delete_against_a_dict_model():
         b = torch.from_numpy(rng.standard_normal(load.size).astype(np.float32))
         for m in (pre, naive):
             m.delete(evict)
+        if step % 7 == 3 and load.size and evict.size:              # a neuron leaving and coming back
+            load[0] = evict[0]
+            rows[0] = model[int(evict[0])]
+        if step % 2:                                                # sorted ids: the compiled path
+            order = np.argsort(load)
+            evict, load, rows, b = np.sort(evict), load[order], rows[order], b[order]
         if resident.size - evict.size + load.size > cap:
+            before = snapshot(fused)
+            with pytest.raises(DramBudgetError, match="over capacity"):
+                fused.update(evict, load, rows, {"bias": b})
+            assert same(before, snapshot(fused))
             for m in (pre, naive):
                 before = snapshot(m)
                 with pytest.raises(DramBudgetError, match="over capacity"):
@@ -59,6 +76,7 @@ def test_random_insert_delete_against_a_dict_model():
             load, rows, b = load[:0], rows[:0], b[:0]
         for m in (pre, naive):
             m.insert(load, rows, {"bias": b})
+        fused.update(evict, load, rows, {"bias": b})
         for i in evict.tolist():
             del model[i], bias[i]
         for j, i in enumerate(load.tolist()):
@@ -66,7 +84,9 @@ def test_random_insert_delete_against_a_dict_model():
         if step % 10 == 0 or step > 2990:
             check_against_model(pre, model, bias)
             check_against_model(naive, model, bias)
+            check_against_model(fused, model, bias)
     assert overflows > 50                                             # the overflow path was exercised
+    assert sum(fast_calls) > 1000                                     # and the compiled one
 
 
 def test_delete_moves_at_most_one_row_per_eviction():
@@ -98,6 +118,21 @@ def test_bad_requests_change_nothing():
     with pytest.raises(ValueError, match=r"\[0, 8\)"):
         m.insert([8], torch.ones(1, 4), {"bias": torch.zeros(1)})
     assert same(before, snapshot(m))
+    with pytest.raises(ValueError, match="already resident"):
+        m.update([1], [2, 3], torch.ones(2, 4), {"bias": torch.zeros(2)})     # 2 stays and is loaded again
+    with pytest.raises(DramBudgetError, match="over capacity"):
+        m.update([1], [1, 3, 4, 5], torch.ones(4, 4), {"bias": torch.zeros(4)})
+    assert same(before, snapshot(m))
+
+
+def test_update_fills_holes_with_the_loaded_rows():
+    m = NeuronMatrix(6, 1, 20, dtype=torch.float32)
+    m.insert(np.arange(5), torch.arange(10, dtype=torch.float32).reshape(5, 2))
+    m.update([1, 3], [10], torch.tensor([[50.0, 51.0]]))      # 10 takes row 1, row 4 moves into row 3
+    assert m.resident_ids().tolist() == [0, 10, 2, 4]
+    assert m.rows_of([10, 4]).tolist() == [[50.0, 51.0], [8.0, 9.0]]
+    m.update([0], [11, 12], torch.tensor([[60.0, 61.0], [70.0, 71.0]]))   # hole, then appended
+    assert m.resident_ids().tolist() == [11, 10, 2, 4, 12]
 
 
 def test_budget_on_the_matrix():
