@@ -17,7 +17,7 @@ help:  ## show this help
 	@echo
 	@echo "  make figures      regenerate every figure and table into figures/ (runs notebooks fully, ~1 h)"
 	@echo "  make test         run the test suite (executes every notebook in smoke mode)"
-	@echo "  make bench        the side-by-side benchmarks only (throughput, latency breakdown)"
+	@echo "  make bench        the side-by-side benchmarks only (latency breakdown; page cache, accelerate)"
 	@echo "  make lab          open the notebooks in JupyterLab"
 	@echo "  make venv         create .venv (done automatically by the targets above)"
 	@echo "  make clean        remove build/ (executed notebooks); never figures/ or data/"
@@ -45,7 +45,7 @@ build/notebooks/%.ipynb: notebooks/%.ipynb $(SOURCES) | $(STAMP)
 	$(PY) -m flashlib.nbrun $<
 
 bench: $(STAMP)
-	$(PY) -m flashlib bench
+	$(PY) -m flashlib bench --baselines
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

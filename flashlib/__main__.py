@@ -87,6 +87,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=_positive_int, default=bench_config().repeats)
     b.add_argument("--flash-root", default=None)
     b.add_argument("--iobench", action="store_true", help="also run the flash throughput grid (~8 min)")
+    b.add_argument("--baselines", action="store_true",
+                   help="also flashlib vs page cache vs accelerate disk offload under a cgroup memory limit "
+                        "(notebook 10, section 1; a few minutes)")
     return ap
 
 
@@ -125,7 +128,7 @@ def cmd_bench(args) -> None:
     from . import experiments as ex
     cfg = dataclasses.replace(bench_config(), dram_budget=args.dram_budget, prompt_tokens=args.prompt_tokens,
                               new_tokens=args.new_tokens, repeats=args.repeats)
-    raw, info = ex.latency_benchmark(args.model, cfg=cfg, flash_root=args.flash_root)
+    raw, info = ex.latency_benchmark(args.model, ex.METHODS + ("dense",), cfg=cfg, flash_root=args.flash_root)
     summary = ex.breakdown(raw, info)
     try:
         summary = ex.computed_io(summary)
@@ -137,6 +140,16 @@ def cmd_bench(args) -> None:
     print("\nTable 3 (ms per token, medians over decoded tokens):")
     print(ex.table3(summary, args.model).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     print("\nratios:", {k: round(float(v), 3) for k, v in ex.ratios(summary).items()})
+    if args.baselines:
+        from . import offload
+        from .config import offload_config
+        why = offload.cgroup_unavailable_reason()
+        if why:
+            print(f"\n[flashlib] baselines skipped: {why}")
+        else:
+            result = offload.side_by_side(args.model, offload_config(), flash_root=args.flash_root)
+            print(f"\nflashlib vs the page cache vs accelerate disk offload ({result.meta['budget_note']}):")
+            print(offload.summarize(result).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     if args.iobench:
         from . import iobench
         print(iobench.summarize(iobench.run_grid()).to_string(index=False))
