@@ -241,6 +241,7 @@ class NeuronMatrix(_MatrixBase):
         host = self.device.type == "cpu"
         self._mat_np = _words(self.matrix) if host else None
         self._sc_np = _words(self.scalars) if host else None
+        self._mat_dtype = None if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype
 
     def _move_rows(self, dst: np.ndarray, src: np.ndarray) -> None:
         """Rows ``src`` -> rows ``dst`` (disjoint), weights, scalars and the index."""
@@ -356,9 +357,14 @@ class NeuronMatrix(_MatrixBase):
             return False
         if self.scalar_names:
             sc = scalars.get(self.scalar_names[0]) if isinstance(scalars, dict) and len(scalars) == 1 else None
-            if len(self.scalar_names) != 1 or not isinstance(sc, torch.Tensor) or sc.device.type != "cpu":
+            if len(self.scalar_names) != 1:
                 return False
-            sc = _words(sc.reshape(-1, 1).to(self.dtype))
+            if isinstance(sc, np.ndarray) and sc.dtype == self._mat_dtype:       # e.g. a numpy bias gather
+                sc = np.ascontiguousarray(sc).reshape(-1, 1).view(self._sc_np.dtype)
+            elif isinstance(sc, torch.Tensor) and sc.device.type == "cpu":
+                sc = _words(sc.reshape(-1, 1).to(self.dtype))
+            else:
+                return False
         elif scalars:
             return False
         else:

@@ -397,6 +397,11 @@ class LayerState:
     bias: torch.Tensor | None          # [d_ffn] up-projection bias (resident), per-row scalar
     out_bias: torch.Tensor | None      # [d_model]
 
+    def __post_init__(self):           # CPU: gather the loaded neurons' biases with one numpy call
+        b = self.bias
+        self.bias_rows = (b.numpy() if b is not None and b.device.type == "cpu" and b.dtype != torch.bfloat16
+                          else b)
+
 
 class SparseEngine:
     """A model whose FFNs stream from flash (see the module docstring). Use as a context manager.
@@ -535,7 +540,8 @@ class SparseEngine:
             self._read(layer, ids)
             t_i = time.perf_counter()
             io += t_i - t_r
-            bias = None if st.bias is None else {"bias": st.bias[torch.from_numpy(ids).to(st.bias.device)]}
+            bias = None if st.bias is None else {"bias": st.bias_rows[ids] if isinstance(st.bias_rows, np.ndarray)
+                                                 else st.bias[torch.from_numpy(ids).to(st.bias.device)]}
             # evict and load in one pass: the new bundles fill the evicted rows (dram.NeuronMatrix.update)
             st.matrix.update(evict if s == 0 else evict[:0], ids, self._loaded_rows(ids.size), bias)
         t3 = time.perf_counter()

@@ -490,13 +490,16 @@ class FlashStore:
         max_rows = max(1, self.config.max_read_bytes // stride) if self.config.coalesce else 1
         if self.layout == "separate":
             max_rows = min(max_rows, IOV_MAX)
-        starts, ends = _runs(ids, max_rows)
-        first_ids = ids[starts].tolist()
+        if len(ids) <= _SMALL_BATCH:  # the engine's usual case: a few ids, plain Python is cheaper
+            starts, ends, first_ids = _runs_small(ids.tolist(), max_rows)
+        else:
+            starts, ends = _runs(ids, max_rows)
+            first_ids, starts, ends = ids[starts].tolist(), starts.tolist(), ends.tolist()
         reads = []
         for k, kind in enumerate(tensors):
             base = tensors[kind]["offset"]
             vec0 = k * stride  # separate: vector k sits at k*stride inside the slot
-            for s, e, i in zip(starts.tolist(), ends.tolist(), first_ids):
+            for s, e, i in zip(starts, ends, first_ids):
                 if self.layout == "bundled":
                     bufs = [dest[s * slot:e * slot]]
                 else:
@@ -556,6 +559,22 @@ class FlashStore:
     def __repr__(self):
         return (f"FlashStore({str(self.path)!r}, layout={self.layout}, dtype={self.dtype}, "
                 f"layers={self.n_layers}, d_ffn={self.d_ffn}, io_mode={self.io_mode})")
+
+
+_SMALL_BATCH = 32
+
+
+def _runs_small(ids: list, max_rows: int) -> tuple[list, list, list]:
+    """``_runs`` for a short list of ids: (starts, ends, first id of each run), plain lists."""
+    starts, firsts = [], []
+    prev, start = None, 0
+    for j, i in enumerate(ids):
+        if prev is None or i != prev + 1 or j - start >= max_rows:
+            starts.append(j)
+            firsts.append(i)
+            start = j
+        prev = i
+    return starts, starts[1:] + [len(ids)] if ids else [], firsts
 
 
 def _runs(ids: np.ndarray, max_rows: int) -> tuple[np.ndarray, np.ndarray]:

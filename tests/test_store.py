@@ -287,3 +287,16 @@ def test_balanced_slices():
     assert store._balanced_slices([1] * 3, 8) == [0, 1, 2, 3]
     assert store._balanced_slices([100, 1, 1, 1, 1], 2) == [0, 1, 5]
     assert store._balanced_slices([], 4) == [0]
+
+
+def test_small_batch_plan_matches_the_vectorised_one():
+    """Reads of a few ids are planned in plain Python; the runs must equal the numpy version's."""
+    from flashlib.store import _runs, _runs_small
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        n, max_rows = int(rng.integers(0, 33)), int(rng.integers(1, 6))
+        ids = rng.choice(60, n, replace=False)
+        if rng.random() < 0.5:
+            ids = np.sort(ids)
+        starts, ends = _runs(ids, max_rows)
+        assert _runs_small(ids.tolist(), max_rows) == (starts.tolist(), ends.tolist(), ids[starts].tolist())
