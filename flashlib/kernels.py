@@ -59,11 +59,13 @@ def matrix_update(mat, sc, rows, rsc, ev, lid, row_of, pointer, num_used):
 
     ``mat [capacity, width]`` and ``sc [capacity, n_scalars]`` are integer views of the matrix
     (``rows``/``rsc`` of the same word type); ``row_of [d_ffn]`` and ``pointer [capacity]`` are
-    its index. The new rows fill the evicted rows inside the final filled region (lowest
-    first), then append; survivors past the new end move into the holes that are left.
-    Returns the new ``num_used``, or -1 with nothing changed unless: ``ev`` strictly increasing
-    and resident, ``lid`` strictly increasing and absent, both in [0, d_ffn), the result within
-    the capacity, and ``rows``/``rsc`` of the right shapes (the caller then finds the problem).
+    its index. A neuron in both ``ev`` and ``lid`` (leaving and coming back, as with no window)
+    keeps its row, overwritten in place. The other new rows fill the evicted rows inside the
+    final filled region (lowest first), then append; survivors past the new end move into the
+    holes that are left. Returns the new ``num_used``, or -1 with nothing changed unless: ``ev``
+    strictly increasing and resident, ``lid`` strictly increasing and absent or in ``ev``, both
+    in [0, d_ffn), the result within the capacity, and ``rows``/``rsc`` of the right shapes
+    (the caller then finds the problem).
     """
     n0, ne, nl = num_used, ev.size, lid.size
     n1 = n0 - ne + nl
@@ -71,24 +73,45 @@ def matrix_update(mat, sc, rows, rsc, ev, lid, row_of, pointer, num_used):
     if n1 > mat.shape[0] or rows.shape[0] != nl or rows.shape[1] != mat.shape[1] \
             or rsc.shape[0] != nl or rsc.shape[1] != sc.shape[1]:
         return -1
+    leaving = np.zeros(d_ffn, np.bool_)
     for j in range(ne):
         e = ev[j]
         if e < 0 or e >= d_ffn or row_of[e] < 0 or (j and e <= ev[j - 1]):
             return -1
+        leaving[e] = True
+    n_back = 0
     for j in range(nl):
         i = lid[j]
-        if i < 0 or i >= d_ffn or row_of[i] >= 0 or (j and i <= lid[j - 1]):
+        if i < 0 or i >= d_ffn or (j and i <= lid[j - 1]):
             return -1
+        if row_of[i] >= 0:
+            if not leaving[i]:
+                return -1
+            n_back += 1
+    fresh = np.empty(nl - n_back, np.int64)       # positions in lid/rows of the neurons not resident
+    k = 0
+    for j in range(nl):
+        i = lid[j]
+        if row_of[i] >= 0:                        # coming back: overwrite its row, it does not leave
+            mat[row_of[i], :] = rows[j, :]
+            sc[row_of[i], :] = rsc[j, :]
+            leaving[i] = False
+        else:
+            fresh[k] = j
+            k += 1
+    nl = fresh.size
     holes = np.empty(ne, np.int64)
     nh = 0
     tail_gone = np.zeros(max(n0 - n1, 0), np.bool_)
     for j in range(ne):
-        r = row_of[ev[j]]
-        if r < n1:
-            holes[nh] = r
-            nh += 1
-        else:
-            tail_gone[r - n1] = True
+        e = ev[j]
+        if leaving[e]:
+            r = row_of[e]
+            if r < n1:
+                holes[nh] = r
+                nh += 1
+            else:
+                tail_gone[r - n1] = True
     holes = np.sort(holes[:nh])
     h = nl
     for r in range(n1, n0):                       # survivors past the new end fill holes[nl:]
@@ -101,11 +124,13 @@ def matrix_update(mat, sc, rows, rsc, ev, lid, row_of, pointer, num_used):
             pointer[d] = p
             row_of[p] = d
     for j in range(ne):
-        row_of[ev[j]] = -1
+        if leaving[ev[j]]:
+            row_of[ev[j]] = -1
     for r in range(n1, n0):
         pointer[r] = -1
-    for j in range(nl):                           # new rows: holes first, then appended
-        d = holes[j] if j < nh else n0 + (j - nh)
+    for t in range(nl):                           # new rows: holes first, then appended
+        j = fresh[t]
+        d = holes[t] if t < nh else n0 + (t - nh)
         mat[d, :] = rows[j, :]
         sc[d, :] = rsc[j, :]
         pointer[d] = lid[j]
