@@ -24,7 +24,6 @@ import pandas as pd
 import torch
 
 from .config import DRAM
-from .kernels import matrix_update
 
 
 class DramBudgetError(MemoryError):
@@ -374,7 +373,8 @@ class NeuronMatrix(_MatrixBase):
             return False
         else:
             sc = np.zeros((load.size, 0), self._sc_np.dtype)
-        n1 = matrix_update(self._mat_np, self._sc_np, _words(rows.to(self.dtype)), sc, evict, load,
+        from .window import kernels             # numba on first use (see window.kernels)
+        n1 = kernels().matrix_update(self._mat_np, self._sc_np, _words(rows.to(self.dtype)), sc, evict, load,
                            self.row_of, self.pointer, self.num_used)
         if n1 < 0:
             return False

@@ -30,8 +30,6 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from .kernels import window_advance
-
 
 def as_mask(active, d_ffn: int) -> np.ndarray:
     """Bool mask ``[d_ffn]`` from a mask (numpy/torch bool) or from neuron ids (any int sequence)."""
@@ -49,6 +47,13 @@ def as_mask(active, d_ffn: int) -> np.ndarray:
 
 
 _NO_IDS = np.zeros(0, dtype=np.int64)
+
+
+def kernels():
+    """``flashlib.kernels``, imported on first use: numba and LLVM (~100 MB of libraries) load only
+    in processes that run the window or the matrix, never in the baselines' memory-limited workers."""
+    from . import kernels as k
+    return k
 
 
 def as_ids(active, d_ffn: int) -> np.ndarray:
@@ -126,7 +131,7 @@ class SlidingWindow:
 
     @property
     def resident_mask(self) -> np.ndarray:
-        """Read-only view ``[d_ffn]`` of R_t."""
+        """Read-only view ``[d_ffn]`` of R_t (live: the next update changes it; copy it to keep it)."""
         v = self._resident.view()
         v.flags.writeable = False
         return v
@@ -152,7 +157,7 @@ class SlidingWindow:
             self._n_resident = ids.size
         else:                                                # one compiled call (kernels.py)
             full = self._filled == self.k                    # then token t-k leaves the window
-            load, evict = window_advance(ids, self._ring[self._pos], full, self._count, res)
+            load, evict = kernels().window_advance(ids, self._ring[self._pos], full, self._count, res)
             self._filled += not full
             self._ring[self._pos] = ids
             self._pos = (self._pos + 1) % self.k

@@ -224,3 +224,12 @@ def test_a_worker_can_restart_its_groups_peak_after_setup():
     run = ol.run_in_group([sys.executable, "-c", code], None, name="test-reset")
     assert run.returncode == 0, run.stderr_tail
     assert run.result["max_usage_bytes"] - run.group["max_usage_bytes"] > 40 * MiB   # the transient is forgotten
+
+
+def test_baseline_workers_do_not_load_numba():
+    """numba + LLVM (~100 MB of libraries) would count against the page-cache and accelerate workers' limit."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", "import sys, flashlib.offload; print('numba' in sys.modules)"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
