@@ -550,6 +550,9 @@ class OffloadConfig:
     overhead_repeats: int = 2           # pre-cached runs that measure a worker's non-weight memory
     poll_seconds: float = 0.05          # the parent samples the group's memory.stat this often
     worker_timeout_s: float = 1800.0
+    # a baseline under its memory limit may thrash (accelerate at half the ReLU OPT re-read ~140 GB of
+    # file pages in 3.5 min): past this it is killed and reported as not finishing, not waited for
+    limited_timeout_s: float = 300.0
 
 
 OFFLOAD_PRESETS = {

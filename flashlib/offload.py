@@ -185,6 +185,7 @@ class WorkerRun:
     samples: pd.DataFrame         # t (s since start) | usage | rss | cache | mapped_file
     wall_s: float
     stderr_tail: str
+    timed_out: bool = False       # killed after ``timeout`` seconds
 
 
 def run_in_group(cmd: list[str], limit_bytes: int | None, *, name: str = "worker", timeout: float = 1800,
@@ -209,11 +210,13 @@ def run_in_group(cmd: list[str], limit_bytes: int | None, *, name: str = "worker
 
         poller = threading.Thread(target=poll, daemon=True)
         poller.start()
+        timed_out = False
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             out, err = proc.communicate()
+            timed_out = True
         finally:
             done.set()
             poller.join()
@@ -222,7 +225,7 @@ def run_in_group(cmd: list[str], limit_bytes: int | None, *, name: str = "worker
     result = next((json.loads(line[len(RESULT_MARK):]) for line in out.splitlines()[::-1]
                    if line.startswith(RESULT_MARK)), None)
     frame = pd.DataFrame(samples, columns=["time", "usage", "rss", "cache", "mapped_file"])
-    return WorkerRun(proc.returncode, result, report, frame, wall, err[-3000:])
+    return WorkerRun(proc.returncode, result, report, frame, wall, err[-3000:], timed_out)
 
 
 # --- reading the kernel's I/O counters inside a worker -------------------------------------------
@@ -716,7 +719,9 @@ def _run_row(name: str, method: str, rep: int, budget: int, limit, overhead, run
     gen = s[(s["time"] >= res.get("t_start", np.inf)) & (s["time"] <= res.get("t_end", -np.inf))]
     at_peak = gen.loc[gen["usage"].idxmax()] if len(gen) else pd.Series(dtype=float)
     status = "ok" if run.result is not None else \
-        f"OOM-killed under the limit (rc {run.returncode})" if run.group["oom_kill"] else f"failed (rc {run.returncode})"
+        f"OOM-killed under the limit (rc {run.returncode})" if run.group["oom_kill"] else \
+        f"did not finish {new_tokens} tokens in {run.wall_s:.0f} s under the limit (killed)" if run.timed_out else \
+        f"failed (rc {run.returncode})"
     return {"method": name, "base_method": method, "rep": rep, "status": status, "limit_bytes": limit,
             "overhead_bytes": overhead, "budget_bytes": budget, "peak_bytes": run.group["max_usage_bytes"],
             "failcnt": run.group["failcnt"], "oom_kill": run.group["oom_kill"],
@@ -753,9 +758,10 @@ def side_by_side(model_name: str = "relu-opt", cfg: OffloadConfig | None = None,
             limit = None if method == "flashlib" else budget + int(extra[method])
             evict_files(checkpoint_files(plan.folder) + offload_files(plan.offload_folder))
             run = run_in_group(_command(plan, method, rep, budget=budget), limit, name=method,
-                               timeout=cfg.worker_timeout_s, poll_seconds=cfg.poll_seconds)
-            if run.result is None and not (limit is not None and run.group["oom_kill"]):
-                _check(run, name)                  # a crash is an error; an OOM kill under the limit is a result
+                               timeout=cfg.worker_timeout_s if limit is None else cfg.limited_timeout_s,
+                               poll_seconds=cfg.poll_seconds)
+            if run.result is None and not (limit is not None and (run.group["oom_kill"] or run.timed_out)):
+                _check(run, name)                  # a crash is an error; an OOM kill or thrashing under the limit is a result
             res = run.result
             runs.append(_run_row(name, method, rep, budget, limit, extra.get(method), run, res, plan.new_tokens))
             t0 = res["t_start"] if res else run.samples["time"].min()

@@ -233,3 +233,12 @@ def test_baseline_workers_do_not_load_numba():
     out = subprocess.run([sys.executable, "-c", "import sys, flashlib.offload; print('numba' in sys.modules)"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@needs_cgroup
+def test_a_worker_past_its_timeout_is_killed_and_said_so():
+    run = ol.run_in_group([sys.executable, "-c", "import time; time.sleep(60)"], 64 * MiB, name="test-timeout",
+                          timeout=1.0)
+    assert run.timed_out and run.result is None and run.wall_s < 30
+    row = ol._run_row("x@0.5", "accelerate", 0, 1, 64 * MiB, 0, run, None, 32)
+    assert row["status"].startswith("did not finish 32 tokens")
