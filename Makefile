@@ -15,7 +15,7 @@ SOURCES     := $(wildcard flashlib/*.py)
 help:  ## show this help
 	@echo "flashlib - a reproduction of 'LLM in a flash'"
 	@echo
-	@echo "  make figures      regenerate every figure and table into figures/ (runs notebooks fully, ~1 h)"
+	@echo "  make figures      regenerate every figure and table into figures/ (runs notebooks fully, ~1-1.5 h)"
 	@echo "  make test         run the test suite (executes every notebook in smoke mode)"
 	@echo "  make bench        the side-by-side benchmarks only (latency breakdown; page cache, accelerate)"
 	@echo "  make lab          open the notebooks in JupyterLab"
