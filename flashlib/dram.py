@@ -190,8 +190,8 @@ class _MatrixBase:
                 raise ValueError(f"insert: scalars have {sc.shape[0]} rows for {n} neurons")
         return rows, sc
 
-    def _check_update(self, evict, load) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``update``'s id checks, each once: (evict ids, load ids, load ids that are resident now).
+    def _check_update(self, evict, load) -> tuple[np.ndarray, np.ndarray]:
+        """``update``'s id checks, each once: (evict ids, load ids).
 
         A neuron may leave and come back in one update (delete, then insert); one resident and
         not evicted cannot be loaded again, and the result must fit the capacity.
@@ -207,7 +207,7 @@ class _MatrixBase:
             raise DramBudgetError(f"update: {lid.size} rows in, {ev.size} out of a matrix holding {self.num_used} "
                                   f"of {self.capacity} rows: over capacity by {over} rows; allocate more rows "
                                   "(a larger budget) or use a smaller window k")
-        return ev, lid, back
+        return ev, lid
 
     def _check_delete(self, neuron_ids) -> np.ndarray:
         ids = _ids(neuron_ids, self.d_ffn, "delete")
@@ -219,7 +219,7 @@ class _MatrixBase:
     def update(self, evict, load, rows, scalars=None) -> None:
         """One token's memory management: delete ``evict``, then insert ``load`` with ``rows``
         (both checked first: nothing changes on error)."""
-        ev, lid, _ = self._check_update(evict, load)
+        ev, lid = self._check_update(evict, load)
         self._payload(lid.size, rows, scalars)
         self.delete(ev)
         self.insert(lid, rows, scalars)
@@ -321,37 +321,14 @@ class NeuronMatrix(_MatrixBase):
         are left (Fig 6's move). The paper deletes, then appends; this saves one row move per
         loaded neuron and a pass of index work (measured in notebook 07). Every check comes
         first: nothing changes on error.
-        On the CPU, sorted int64 ids take one compiled call that checks and applies
+        On the CPU, sorted int64 id arrays take one compiled call that checks and applies
         (``kernels.matrix_update``; there a neuron leaving and coming back, as with no window,
-        keeps its row and is overwritten in place); anything it refuses goes through the
-        general path below, which names the problem.
+        keeps its row and is overwritten in place). Other inputs (lists, unsorted ids, another
+        device) take the paper's way, delete then insert, checked first the same way.
         """
         if self._mat_np is not None and self._fast_update(evict, load, rows, scalars):
             return
-        ev, lid, back = self._check_update(evict, load)
-        rows, sc = self._payload(lid.size, rows, scalars)
-        if not ev.size or back.size:                     # nothing to fuse, or neurons leaving and coming back
-            self.delete(ev)
-            self.insert(lid, rows, scalars)
-            return
-        n0, n_load = self.num_used, lid.size
-        n1 = n0 - ev.size + n_load
-        gone = self.row_of[ev]
-        holes = np.sort(gone[gone < n1])                     # evicted rows inside the final filled region
-        if n1 < n0:                                          # survivors past the new end fill holes[n_load:]
-            tail = np.ones(n0 - n1, dtype=bool)
-            tail[gone[gone >= n1] - n1] = False
-            src, dst = n1 + np.flatnonzero(tail), holes[n_load:]
-            if dst.size:
-                self._move_rows(dst, src)
-            new = holes[:n_load]
-            self.pointer[n1:n0] = -1
-        else:
-            new = np.concatenate((holes, np.arange(n0, n1)))
-        self.row_of[ev] = -1
-        if n_load:
-            self._write_rows(new, lid, rows, sc)
-        self.num_used = n1
+        super().update(evict, load, rows, scalars)
 
     def _fast_update(self, evict, load, rows, scalars) -> bool:
         """``update`` in one compiled call; False (nothing changed) when the kernel's checks or

@@ -126,12 +126,14 @@ def test_bad_requests_change_nothing():
 
 
 def test_update_fills_holes_with_the_loaded_rows():
+    def ids(*v):                                              # sorted int64 arrays: the one-pass path
+        return np.array(v, dtype=np.int64)
     m = NeuronMatrix(6, 1, 20, dtype=torch.float32)
     m.insert(np.arange(5), torch.arange(10, dtype=torch.float32).reshape(5, 2))
-    m.update([1, 3], [10], torch.tensor([[50.0, 51.0]]))      # 10 takes row 1, row 4 moves into row 3
+    m.update(ids(1, 3), ids(10), torch.tensor([[50.0, 51.0]]))      # 10 takes row 1, row 4 moves into row 3
     assert m.resident_ids().tolist() == [0, 10, 2, 4]
     assert m.rows_of([10, 4]).tolist() == [[50.0, 51.0], [8.0, 9.0]]
-    m.update([0], [11, 12], torch.tensor([[60.0, 61.0], [70.0, 71.0]]))   # hole, then appended
+    m.update(ids(0), ids(11, 12), torch.tensor([[60.0, 61.0], [70.0, 71.0]]))   # hole, then appended
     assert m.resident_ids().tolist() == [11, 10, 2, 4, 12]
 
 
