@@ -362,6 +362,11 @@ class EngineConfig:
     calibration_tokens: int = 384     # predictor/oracle trace on the train split that sizes Req_i
     calibration_seq_len: int = 128
     capacity_margin: float = DRAM.capacity_margin
+    # 1.0: each matrix holds the largest window union of the calibration trace (the paper's Req_i).
+    # Below 1: the union that this share of windows fits in (never less than the largest single
+    # active set); a token whose window outgrows it drops older tokens' neurons (counted as "shrunk").
+    capacity_quantile: float = 1.0
+    read_buffer_rows: int | None = None   # None: the largest single active set; larger loads go in rounds
     preallocated: bool = DRAM.preallocated
     verify: bool = True               # checksum the flash file when the engine opens it
     io_threads: int = StoreConfig.n_threads   # reader threads (paper: 32); see BenchConfig.io_threads

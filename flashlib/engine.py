@@ -38,7 +38,7 @@ from .dram import DramBudget, DramBudgetError, NaiveNeuronMatrix, NeuronMatrix, 
 from .models import ffn_adapter
 from .sparsity import active_mask, default_mask_rule, down_norms, run_with_ffn_inputs, topk_mask
 from .store import FlashFileError, FlashStore
-from .window import SlidingWindow, aggregated_usage_curve
+from .window import SlidingWindow, aggregated_usage_curve, resident_sizes
 
 POLICIES = ("all", "oracle", "predictor")
 
@@ -312,14 +312,30 @@ def calibration_trace(model, adapter, active: ActiveSets, batches: list[torch.Te
     return torch.stack([torch.cat(per_layer[l]) for l in range(adapter.n_layers)], dim=2).numpy()
 
 
-def peak_rows(trace: np.ndarray, max_k: int) -> np.ndarray:
-    """Largest resident set per layer for every window k = 0..max_k ``[max_k + 1, n_layers]`` (Req_i)."""
+def peak_rows(trace: np.ndarray, max_k: int, quantile: float = 1.0) -> np.ndarray:
+    """Rows each layer's matrix must hold for every window k = 0..max_k ``[max_k + 1, n_layers]``.
+
+    ``quantile`` 1.0: the largest resident set seen (the paper's Req_i). Below 1: the union of k
+    tokens that ``quantile`` of the trace's windows fit in, but never less than the largest single
+    active set (row k=0, always the peak): a token whose window outgrows the matrix then drops the
+    older tokens' neurons (``SlidingWindow.shrink_to_fit``), never its own active set.
+    """
+    if not 0.0 < quantile <= 1.0:
+        raise ValueError(f"capacity quantile must be in (0, 1], got {quantile}")
     n_seq, T, L, d = trace.shape
     ks = tuple(range(1, min(max_k, T) + 1))
     peaks = np.zeros((len(ks) + 1, L), dtype=np.int64)
+    sizes = []
     for seq in trace:
         peaks[0] = np.maximum(peaks[0], seq.sum(axis=2).max(axis=0))
-        peaks[1:] = np.maximum(peaks[1:], aggregated_usage_curve(seq, ks=ks).peak_resident.T)
+        if quantile == 1.0:
+            peaks[1:] = np.maximum(peaks[1:], aggregated_usage_curve(seq, ks=ks).peak_resident.T)
+        else:
+            sizes.append(resident_sizes(seq, ks))              # k -> [T - k + 1, L]
+    if quantile < 1.0:
+        for k in ks:
+            q = np.quantile(np.concatenate([s[k] for s in sizes]), quantile, axis=0, method="higher")
+            peaks[k] = np.maximum(q.astype(np.int64), peaks[0])
     return peaks
 
 
@@ -329,23 +345,29 @@ class Sizing:
 
     k: int
     capacities: tuple              # [n_layers] rows of each layer's matrix
-    buffer_rows: int               # read buffer: the largest single-token active set (k=0 rows)
+    buffer_rows: int               # read buffer: the largest single active set (k=0 rows) or fewer
     budget_bytes: int
     table: pd.DataFrame            # k | matrix_rows | matrix_bytes | buffer_bytes | need_bytes | fits
 
 
 def size_window(peaks: np.ndarray | None, d_ffn: int, n_layers: int, resident: int, row_bytes: int,
-                slot: int, budget: int | None, k: int | None, margin: float, model_bytes: int | None = None) -> Sizing:
+                slot: int, budget: int | None, k: int | None, margin: float, model_bytes: int | None = None,
+                buffer_rows: int | None = None) -> Sizing:
     """Largest k (or the given one) whose matrices + read buffer + resident part fit ``budget``.
 
     ``peaks`` None means every neuron is active (policy "all"): d_ffn rows per layer, k = 1.
+    ``buffer_rows`` None: the read buffer holds the largest single active set (+ margin); fewer
+    rows make larger loads go in rounds (``SparseEngine.token``).
     Refuses (DramBudgetError naming the minimum) before anything is allocated or read.
     """
     if peaks is None:
         peaks = np.full((2, n_layers), d_ffn)
         k = 1 if k is None else k
     rows = []
-    buffer_rows = max(capacity_for_window(int(p), d_ffn, margin) for p in peaks[0])
+    largest = max(capacity_for_window(int(p), d_ffn, margin) for p in peaks[0])
+    if buffer_rows is not None and buffer_rows < 1:
+        raise ValueError(f"read buffer needs at least one row, got {buffer_rows}")
+    buffer_rows = largest if buffer_rows is None else min(int(buffer_rows), largest)
     b = buffer_rows * slot                    # larger loads are read in rounds (SparseEngine.token)
     for kk in range(peaks.shape[0]):
         caps = [capacity_for_window(int(p), d_ffn, margin) for p in peaks[kk]]
@@ -459,9 +481,9 @@ class SparseEngine:
                     raise ValueError("sizing the window needs calibration token batches or a tokenizer")
                 calibration = calibration_batches(tokenizer, cfg, getattr(model.config, "max_position_embeddings", None))
             trace = calibration_trace(model, a, self.active, [b.to(self.device) for b in calibration])
-            peaks = peak_rows(trace, cfg.max_window_k)
+            peaks = peak_rows(trace, cfg.max_window_k, cfg.capacity_quantile)
         self.sizing = size_window(peaks, a.d_ffn, a.n_layers, resident, self.bytes_per_row, slot, budget,
-                                  cfg.window_k, cfg.capacity_margin, self.model_bytes)
+                                  cfg.window_k, cfg.capacity_margin, self.model_bytes, cfg.read_buffer_rows)
         self.budget = DramBudget(self.sizing.budget_bytes)
         for name, nbytes in self.parts.items():
             self.budget.add_resident(name, nbytes)

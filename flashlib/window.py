@@ -247,21 +247,17 @@ def as_trace(masks) -> np.ndarray:
     return m
 
 
-def aggregated_usage_curve(masks, ks=(1, 2, 3, 4, 5, 6, 8, 10)) -> UsageCurve:
-    """s_agg(k), new-per-token(k) and peak resident for every k in ``ks``, in one pass over tokens.
-
-    ``masks``: one token stream, bool ``[T, d_ffn]`` or ``[T, n_layers, d_ffn]``. Per token it
-    keeps each neuron's last active time: the union of the last k tokens is {age < k}, and the
-    neurons a window of k must load are the active ones whose previous activation is more than
-    k tokens back, so one histogram per token serves all k. Cost O(T * L * d_ffn) for the
-    scan of the masks, plus work proportional to the active entries.
-    """
-    m = as_trace(masks)
-    T, L, d = m.shape
+def _window_ks(ks, T: int) -> np.ndarray:
     ks = np.asarray(sorted(set(int(k) for k in ks)))
     if ks.size == 0 or ks[0] < 1 or ks[-1] > T:
         raise ValueError(f"every window k must be in 1..T={T}, got {ks.tolist()}")
-    kmax = int(ks[-1])
+    return ks
+
+
+def _scan(m: np.ndarray, kmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """One pass over a ``[T, L, d]`` trace: union[t, l, k] = |A_{t-k+1..t}| for k = 0..kmax and
+    new[t, l, g] = neurons active at t whose previous activation is g or more tokens back."""
+    T, L, d = m.shape
     nb = kmax + 2                                          # buckets 0..kmax, kmax+1 = "older"
     last = np.full((L, d), -nb, dtype=np.int64)            # "never" = older than any window
     age_hist = np.zeros((L, nb), dtype=np.int64)           # neurons per age (tokens since last active)
@@ -281,6 +277,34 @@ def aggregated_usage_curve(masks, ks=(1, 2, 3, 4, 5, 6, 8, 10)) -> UsageCurve:
         aged[:, -1] = age_hist[:, -2] + age_hist[:, -1] - g[:, -1]
         age_hist = aged
         union[t, :, 1:] = age_hist[:, :kmax].cumsum(axis=1)  # #age < k for k = 1..kmax
+    return union, new
+
+
+def resident_sizes(masks, ks) -> dict[int, np.ndarray]:
+    """k -> the resident set of a window of k tokens at every full window of the trace ``[T - k + 1, L]``.
+
+    The distribution behind ``peak_resident`` (its maximum): a quantile of it sizes a matrix that
+    holds the window on most tokens instead of on the worst one (``EngineConfig.capacity_quantile``).
+    """
+    m = as_trace(masks)
+    ks = _window_ks(ks, m.shape[0])
+    union, _ = _scan(m, int(ks[-1]))
+    return {int(k): union[k - 1:, :, k] for k in ks}
+
+
+def aggregated_usage_curve(masks, ks=(1, 2, 3, 4, 5, 6, 8, 10)) -> UsageCurve:
+    """s_agg(k), new-per-token(k) and peak resident for every k in ``ks``, in one pass over tokens.
+
+    ``masks``: one token stream, bool ``[T, d_ffn]`` or ``[T, n_layers, d_ffn]``. Per token it
+    keeps each neuron's last active time: the union of the last k tokens is {age < k}, and the
+    neurons a window of k must load are the active ones whose previous activation is more than
+    k tokens back, so one histogram per token serves all k. Cost O(T * L * d_ffn) for the
+    scan of the masks, plus work proportional to the active entries.
+    """
+    m = as_trace(masks)
+    T, L, d = m.shape
+    ks = _window_ks(ks, T)
+    union, new = _scan(m, int(ks[-1]))
     s_agg = np.stack([union[k - 1:, :, k].mean(axis=0) for k in ks], axis=1) / d
     peak = np.stack([union[k - 1:, :, k].max(axis=0) for k in ks], axis=1)
     # a window of k misses a neuron iff its previous activation is more than k tokens back

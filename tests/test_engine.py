@@ -149,6 +149,23 @@ def test_window_is_shrunk_not_overrun_when_a_union_exceeds_the_matrix(smoke, roo
         assert all(st.matrix.num_used <= st.capacity for st in e.layers)
 
 
+def test_quantile_matrices_shrink_the_window_but_keep_oracle_output_exact(smoke, root):
+    def engine(**kw):                 # calibrated on the text it will generate: unions of its windows
+        cfg = dataclasses.replace(ENGINE, policy="oracle", dram_budget=None, window_k=6, capacity_margin=0.0, **kw)
+        return eng.SparseEngine(copy.deepcopy(smoke[0]), "relu-opt-smoke", cfg, calibration=[smoke[3]],
+                                flash_root=root)
+
+    with engine() as full:
+        want = full.generate(smoke[2], max_new_tokens=NEW).tokens
+    with engine(capacity_quantile=0.3, read_buffer_rows=3) as e:
+        assert sum(e.sizing.capacities) < sum(full.sizing.capacities)
+        assert e.sizing.buffer_rows == 3 and e.buffer.capacity == 3
+        r = e.generate(smoke[2], max_new_tokens=NEW)
+        assert torch.equal(r.tokens, want) and torch.equal(r.tokens, smoke[3])
+        assert r.stats["shrunk"].sum() > 0 and r.stats["truncated"].sum() == 0
+        assert (r.stats["bytes_resident"] <= e.budget.budget_bytes).all()
+
+
 def test_the_largest_window_that_fits_is_chosen(smoke, root):
     e_small = build(smoke, root, policy="oracle", dram_budget=None, window_k=1)
     e_small.close()
@@ -251,3 +268,18 @@ def test_peak_rows_and_sizing_known_answer():
     assert s.buffer_rows == 2
     with pytest.raises(DramBudgetError, match="minimum budget is 128 B"):     # k=0: 2 rows + buffer
         eng.size_window(peaks, 10, 1, resident=100, row_bytes=10, slot=4, budget=127, k=None, margin=0.0)
+    s1 = eng.size_window(peaks, 10, 1, resident=100, row_bytes=10, slot=4, budget=None, k=2, margin=0.0,
+                         buffer_rows=1)
+    assert s1.buffer_rows == 1 and int(s1.table.loc[2, "need_bytes"]) == 100 + 30 + 4
+
+
+def test_quantile_peak_rows_known_answer():
+    trace = np.zeros((1, 5, 1, 10), dtype=bool)
+    for t, ids in enumerate([[0, 1], [2, 3], [4], [5, 6, 7], [1]]):
+        trace[0, t, 0, ids] = True
+    # rows k = 0..3; sets of k=1: 2, 2, 1, 3, 1; unions of k=2: 4, 3, 4, 4; of k=3: 5, 6, 5
+    assert eng.peak_rows(trace, max_k=3)[:, 0].tolist() == [3, 3, 4, 6]
+    assert eng.peak_rows(trace, max_k=3, quantile=0.5)[:, 0].tolist() == [3, 3, 4, 5]
+    assert eng.peak_rows(trace, max_k=3, quantile=0.01)[:, 0].tolist() == [3, 3, 4, 5]  # k=1: 1 -> 3
+    with pytest.raises(ValueError, match="quantile"):
+        eng.peak_rows(trace, max_k=3, quantile=0.0)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from flashlib.window import SlidingWindow, aggregated_usage_curve, as_mask, window_capacity
+from flashlib.window import SlidingWindow, aggregated_usage_curve, as_mask, resident_sizes, window_capacity
 
 
 def run(k, d, tokens):
@@ -158,3 +158,16 @@ def test_shrink_to_fit_drops_the_oldest_tokens_and_grows_back():
     assert w.resident_ids().tolist() == [6]            # the failed call changed nothing
     assert w.stats.evicted == 2 + 1 + 3
     assert w.stats.resident_sum == (2 + 3 + 5 - 2) + 4 + 4 - 3   # counts after each shrink
+
+
+def test_resident_sizes_are_the_distribution_behind_the_peak():
+    rng = np.random.default_rng(3)
+    m = rng.random((40, 2, 30)) < 0.15
+    ks = (1, 3, 5)
+    sizes, c = resident_sizes(m, ks), aggregated_usage_curve(m, ks)
+    for j, k in enumerate(ks):
+        assert sizes[k].shape == (40 - k + 1, 2)
+        assert sizes[k].max(axis=0).tolist() == c.peak_resident[:, j].tolist()
+        assert np.allclose(sizes[k].mean(axis=0) / 30, c.s_agg[:, j])
+        t = 17                                         # one window by hand
+        assert sizes[k][t - k + 1].tolist() == m[t - k + 1:t + 1].any(axis=0).sum(axis=1).tolist()
