@@ -43,12 +43,13 @@ def machine_description() -> str:
 
 @functools.lru_cache(maxsize=1)
 def git_revision() -> str:
-    """Short commit of the code that made a figure, with '+dirty' when the tree has changes."""
+    """Short commit of the code that made a figure, with '+dirty' when the tree has changes outside
+    ``figures/`` (the outputs a ``make figures`` run rewrites as it goes do not make the code dirty)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=paths.REPO, capture_output=True,
                               text=True, check=False).stdout.strip()
     rev = git("rev-parse", "--short", "HEAD") or "no-commit"
-    return rev + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    return rev + ("+dirty" if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)figures") else "")
 
 
 def provenance(io_mode: str | None = None) -> str:
