@@ -72,6 +72,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--window-k", type=_window_k, default=None, help="default: the largest that fits")
     g.add_argument("--layout", choices=("bundled", "separate"), default=ENGINE.layout)
     g.add_argument("--density", type=_share, default=None, help="predictor: keep this share per token (top-k)")
+    g.add_argument("--capacity-quantile", type=_share, default=ENGINE.capacity_quantile,
+                   help="1: matrices hold the largest window seen in calibration (paper); lower: the window on "
+                        "this share of tokens, shrinking on the rest")
+    g.add_argument("--read-buffer-rows", type=_positive_int, default=None,
+                   help="default: the largest single active set; larger loads are read in rounds")
     g.add_argument("--naive-matrix", action="store_true", help="realloc-and-copy DRAM matrix (Fig 6 ablation)")
     g.add_argument("--sample", action="store_true", help="nucleus sampling instead of greedy")
     g.add_argument("--top-p", type=_share, default=0.9)
@@ -105,6 +110,7 @@ def cmd_generate(args) -> None:
     preds = predictors_for(args.model, model, tok) if args.policy == "predictor" else None
     cfg = dataclasses.replace(ENGINE, policy=args.policy, dram_budget=args.dram_budget, window_k=args.window_k,
                               layout=args.layout, density=args.density, preallocated=not args.naive_matrix,
+                              capacity_quantile=args.capacity_quantile, read_buffer_rows=args.read_buffer_rows,
                               device=args.device)
     ids = tok(args.prompt, return_tensors="pt")["input_ids"]
     with SparseEngine(model, args.model, cfg, predictors=preds, tokenizer=tok, flash_root=args.flash_root) as e:

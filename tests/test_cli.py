@@ -21,6 +21,13 @@ def test_generate_streams_tokens_and_prints_the_breakdown(capsys, tmp_path):
     assert "per decoded token" in out
 
 
+def test_smaller_matrices_and_read_buffer_still_generate(capsys, tmp_path):
+    code, out, _ = run(capsys, "generate", "--model", "relu-opt-smoke", "--prompt", "The king said",
+                       "--max-new-tokens", "4", "--policy", "oracle", "--dram-budget", "none",
+                       "--capacity-quantile", "0.5", "--read-buffer-rows", "2", "--flash-root", str(tmp_path))
+    assert code == 0 and "per decoded token" in out
+
+
 def test_too_small_a_budget_names_the_minimum(capsys, tmp_path):
     code, _, err = run(capsys, "generate", "--model", "relu-opt-smoke", "--prompt", "x", "--policy", "oracle",
                        "--dram-budget", "0.01", "--flash-root", str(tmp_path))
@@ -35,6 +42,8 @@ def test_too_small_a_budget_names_the_minimum(capsys, tmp_path):
     (["--window-k", "-2"], "--window-k"),
     (["--policy", "magic"], "--policy"),
     (["--density", "1.5"], "--density"),
+    (["--capacity-quantile", "0"], "--capacity-quantile"),
+    (["--read-buffer-rows", "0"], "--read-buffer-rows"),
 ])
 def test_bad_arguments_are_usage_errors(capsys, args, message):
     with pytest.raises(SystemExit) as e:
