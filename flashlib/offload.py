@@ -312,6 +312,18 @@ def precache_files(files) -> float:
 
 # --- loading: mmap-backed weights, accelerate offload ---------------------------------------------
 
+def checkpoint_tensor_bytes(files) -> int:
+    """Bytes of the tensors stored in safetensors ``files`` (headers excluded): the model's bytes as the
+    engine counts them (every parameter once, tied weights once), read from the headers alone."""
+    total = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        total += sum(t["data_offsets"][1] - t["data_offsets"][0] for k, t in header.items() if k != "__metadata__")
+    return total
+
+
 def checkpoint_files(folder: Path) -> list[Path]:
     """The safetensors file(s) of a Hugging Face checkpoint folder (single file or sharded index)."""
     folder = Path(folder)
@@ -485,7 +497,7 @@ def _flashlib_runner(args):
 def _pagecache_runner(args):
     model, files = mmap_model(args.folder)
     runner = HookedRunner(model, files)
-    return runner, files, {"model_bytes": sum(os.path.getsize(f) for f in files)}
+    return runner, files, {"model_bytes": checkpoint_tensor_bytes(files)}
 
 
 def _accelerate_runner(args):
@@ -621,7 +633,7 @@ def prepare(model_name: str, cfg: OffloadConfig, flash_root=None, progress: bool
     from .models import load_model
     folder = private_checkpoint(model_folder(model_name), offload_root(model_name, flash_root) / "checkpoint")
     model, tok = load_model(model_name, progress=progress)
-    model_bytes = sum(os.path.getsize(f) for f in checkpoint_files(folder))
+    model_bytes = checkpoint_tensor_bytes(checkpoint_files(folder))      # = the engine's model bytes
     preds = predictors_for(model_name, model, tok, progress) if "flashlib" in cfg.methods else None
     ctx = getattr(model.config, "max_position_embeddings", None) or (cfg.prompt_tokens + cfg.new_tokens)
     del model

@@ -166,6 +166,15 @@ def test_private_checkpoint_copies_only_what_the_workers_need(smoke, tmp_path):
         ol.checkpoint_files(tmp_path)
 
 
+def test_checkpoint_bytes_are_the_engines_model_bytes(smoke):
+    from flashlib.engine import unique_parameters
+    folder, _, _ = smoke
+    model, _ = load_model("relu-opt-smoke", progress=False)
+    params = sum(p.numel() * p.element_size() for _, p in unique_parameters(model))
+    files = ol.checkpoint_files(folder)
+    assert ol.checkpoint_tensor_bytes(files) == params < sum(os.path.getsize(f) for f in files)
+
+
 def test_variants_add_baselines_at_the_paper_fraction():
     from flashlib.config import OffloadConfig
     plan = ol.BenchPlan("m", None, 830, "", 1000, [[1]], 4, None, OffloadConfig(baseline_fractions=(0.5, 0.83)))
