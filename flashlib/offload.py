@@ -318,10 +318,17 @@ def checkpoint_tensor_bytes(files) -> int:
     total = 0
     for f in files:
         with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = json.loads(fh.read(n))
-        total += sum(t["data_offsets"][1] - t["data_offsets"][0] for k, t in header.items() if k != "__metadata__")
+            _, header = _safetensors_header(fh)
+        total += sum(t["data_offsets"][1] - t["data_offsets"][0] for t in header.values())
     return total
+
+
+def _safetensors_header(f) -> tuple[int, dict]:
+    """(header length, tensor entries) of an open safetensors file: 8-byte little-endian length, JSON."""
+    n = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return n, header
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
@@ -360,13 +367,10 @@ def lazy_safetensors(path: Path) -> dict[str, torch.Tensor]:
     mapped page cannot be evicted.) Format: 8-byte little-endian header length, JSON header, data."""
     import mmap
     with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
+        n, header = _safetensors_header(f)
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)      # MAP_PRIVATE; nothing writes to it
     base, out = 8 + n, {}
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
         dtype = SAFETENSORS_DTYPES.get(info["dtype"])
         if dtype is None:
             raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, not supported by the lazy loader")
