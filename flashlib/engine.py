@@ -38,7 +38,7 @@ from .dram import DramBudget, DramBudgetError, NaiveNeuronMatrix, NeuronMatrix, 
 from .models import ffn_adapter
 from .sparsity import active_mask, default_mask_rule, down_norms, run_with_ffn_inputs, topk_mask
 from .store import FlashFileError, FlashStore
-from .window import SlidingWindow, aggregated_usage_curve, resident_sizes
+from .window import SlidingWindow, resident_sizes
 
 POLICIES = ("all", "oracle", "predictor")
 
@@ -325,17 +325,11 @@ def peak_rows(trace: np.ndarray, max_k: int, quantile: float = 1.0) -> np.ndarra
     n_seq, T, L, d = trace.shape
     ks = tuple(range(1, min(max_k, T) + 1))
     peaks = np.zeros((len(ks) + 1, L), dtype=np.int64)
-    sizes = []
-    for seq in trace:
-        peaks[0] = np.maximum(peaks[0], seq.sum(axis=2).max(axis=0))
-        if quantile == 1.0:
-            peaks[1:] = np.maximum(peaks[1:], aggregated_usage_curve(seq, ks=ks).peak_resident.T)
-        else:
-            sizes.append(resident_sizes(seq, ks))              # k -> [T - k + 1, L]
-    if quantile < 1.0:
-        for k in ks:
-            q = np.quantile(np.concatenate([s[k] for s in sizes]), quantile, axis=0, method="higher")
-            peaks[k] = np.maximum(q.astype(np.int64), peaks[0])
+    peaks[0] = trace.sum(axis=3).max(axis=(0, 1))
+    sizes = [resident_sizes(seq, ks) for seq in trace]           # per sequence: k -> [T - k + 1, L]
+    for k in ks:                                                 # quantile 1.0 ("higher") is the maximum
+        q = np.quantile(np.concatenate([s[k] for s in sizes]), quantile, axis=0, method="higher")
+        peaks[k] = np.maximum(q.astype(np.int64), peaks[0])
     return peaks
 
 
