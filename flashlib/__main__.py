@@ -42,6 +42,11 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _buffer_rows(text: str) -> int | None:
+    """``--read-buffer-rows``: a row count, or "max" (None: the largest single active set)."""
+    return None if text == "max" else _positive_int(text)
+
+
 def _window_k(text: str) -> int:
     v = int(text) if text.lstrip("-").isdigit() else None
     if v is None or v < 0:
@@ -75,8 +80,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--capacity-quantile", type=_share, default=ENGINE.capacity_quantile,
                    help="1: matrices hold the largest window seen in calibration (paper); lower: the window on "
                         "this share of tokens, shrinking on the rest")
-    g.add_argument("--read-buffer-rows", type=_positive_int, default=None,
-                   help="default: the largest single active set; larger loads are read in rounds")
+    g.add_argument("--read-buffer-rows", type=_buffer_rows, default=ENGINE.read_buffer_rows,
+                   help=f"rows of the read buffer (default {ENGINE.read_buffer_rows}); larger loads are read "
+                        "in rounds; 'max': the largest single active set, one round always")
     g.add_argument("--naive-matrix", action="store_true", help="realloc-and-copy DRAM matrix (Fig 6 ablation)")
     g.add_argument("--sample", action="store_true", help="nucleus sampling instead of greedy")
     g.add_argument("--top-p", type=_share, default=0.9)

@@ -59,18 +59,21 @@ class ReluOptConfig:
     name: str = "relu-opt"                     # cache folder under paths.models_dir()
     domains: tuple[str, ...] = ("news", "shakespeare", "code")
     # tokenizer: byte-level BPE trained on the train splits
-    vocab_size: int = 8192
+    # 4096 tokens and d_ffn = 16 d_model make the FFN ~80% of the bytes, as in OPT (6.7B: 65%, with
+    # attention 4 d^2 per layer); with 8192 and 4 d_model (run F in data/README) embeddings and attention
+    # were 60% of the bytes and half the model could not hold the paper's window (run G)
+    vocab_size: int = 4096
     tokenizer_chars_per_domain: int = 4_000_000
     train_chars_per_domain: int | None = None  # None: whole train split (token cache in corpus_dir)
     # architecture (OPTConfig, activation_function="relu", pre-LN, no dropout)
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4
-    d_ffn: int = 1024
+    d_ffn: int = 4096
     context: int = 128                         # tokens per training sequence (= max positions)
     # optimisation (AdamW, linear warm-up then cosine decay to min_lr_ratio * lr)
     batch_size: int = 16                       # sequences per step
-    steps: int = 600                           # ~1.2 M tokens: about 15 CPU-minutes on 2 idle cores
+    steps: int = 600                           # ~1.2 M tokens: ~11 min wall on 2 idle cores (10.5 M params)
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 60
@@ -366,7 +369,12 @@ class EngineConfig:
     # Below 1: the union that this share of windows fits in (never less than the largest single
     # active set); a token whose window outgrows it drops older tokens' neurons (counted as "shrunk").
     capacity_quantile: float = 1.0
-    read_buffer_rows: int | None = None   # None: the largest single active set; larger loads go in rounds
+    # Rows of the one read buffer that new bundles land in before the matrix takes them; larger loads
+    # are read in rounds. A token's new neurons are a few dozen rows per layer (ReLU OPT, k=5) but a
+    # sequence's first token loads its whole active set (2120 rows in layer 0 of the ReLU OPT, 10% of
+    # the model): sizing for that would cost the budget more than the rounds cost (run G in
+    # data/README). None: the largest single active set (one round always).
+    read_buffer_rows: int | None = 128
     preallocated: bool = DRAM.preallocated
     verify: bool = True               # checksum the flash file when the engine opens it
     io_threads: int = StoreConfig.n_threads   # reader threads (paper: 32); see BenchConfig.io_threads

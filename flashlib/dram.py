@@ -326,15 +326,46 @@ class NeuronMatrix(_MatrixBase):
         keeps its row and is overwritten in place). Other inputs (lists, unsorted ids, another
         device) take the paper's way, delete then insert, checked first the same way.
         """
-        if self._mat_np is not None and self._fast_update(evict, load, rows, scalars):
+        if self._mat_np is not None and isinstance(rows, torch.Tensor) and rows.device.type == "cpu" \
+                and self._fast_update(evict, load, _words(rows.to(self.dtype)), scalars):
             return
         super().update(evict, load, rows, scalars)
 
-    def _fast_update(self, evict, load, rows, scalars) -> bool:
-        """``update`` in one compiled call; False (nothing changed) when the kernel's checks or
-        the input forms do not hold."""
+    def words_of(self, rows: torch.Tensor) -> np.ndarray | None:
+        """The integer-word view (no copy) of CPU ``rows [n, bundle_width]`` in this matrix's dtype, for
+        ``update_words``; None where there is none (another dtype or device, rows not word-aligned).
+
+        Made once for a buffer that is refilled in place (the engine's read buffer), its slices
+        ``[:n]`` spare ``update`` a tensor-to-numpy view per call (inside a generate on our machine
+        that view cost ~50 us per layer and token, a third of the memory-management time).
+        """
+        if self._mat_np is None or rows.device.type != "cpu" or rows.dtype != self.dtype \
+                or rows.dim() != 2 or rows.shape[1] != self.bundle_width or rows.numel() == 0:
+            return None
+        try:
+            w = _words(rows)
+        except RuntimeError:                                   # a view torch cannot reinterpret
+            return None
+        ok = w.dtype == self._mat_np.dtype and np.shares_memory(w, rows.numpy() if rows.dtype != torch.bfloat16
+                                                                 else rows.view(torch.int16).numpy())
+        return w if ok else None
+
+    def update_words(self, evict, load, words: np.ndarray, scalars: dict | None = None) -> None:
+        """``update`` with the new bundles as ``words_of(rows)[:n]``: the same checks and result."""
+        if self._fast_update(evict, load, words, scalars):
+            return
+        if not (isinstance(words, np.ndarray) and words.dtype == self._mat_np.dtype and words.ndim == 2):
+            raise TypeError(f"update_words: expected a [n, {self._mat_np.shape[1]}] {self._mat_np.dtype} view "
+                            f"from words_of(), got {type(words).__name__} {getattr(words, 'dtype', '')}")
+        rows = torch.from_numpy(np.ascontiguousarray(words)).view(self.dtype)
+        super().update(evict, load, rows, scalars)             # finds and names the problem
+
+    def _fast_update(self, evict, load, words, scalars) -> bool:
+        """``update`` in one compiled call with the new bundles as integer words (``_words``);
+        False (nothing changed) when the kernel's checks or the input forms do not hold."""
         if not (type(evict) is np.ndarray and type(load) is np.ndarray and evict.dtype == load.dtype == np.int64
-                and evict.ndim == load.ndim == 1 and isinstance(rows, torch.Tensor) and rows.device.type == "cpu"):
+                and evict.ndim == load.ndim == 1 and type(words) is np.ndarray
+                and words.dtype == self._mat_np.dtype):
             return False
         if self.scalar_names:
             sc = scalars.get(self.scalar_names[0]) if isinstance(scalars, dict) and len(scalars) == 1 else None
@@ -351,8 +382,8 @@ class NeuronMatrix(_MatrixBase):
         else:
             sc = np.zeros((load.size, 0), self._sc_np.dtype)
         from .window import kernels             # numba on first use (see window.kernels)
-        n1 = kernels().matrix_update(self._mat_np, self._sc_np, _words(rows.to(self.dtype)), sc, evict, load,
-                           self.row_of, self.pointer, self.num_used)
+        n1 = kernels().matrix_update(self._mat_np, self._sc_np, words, sc, evict, load,
+                                     self.row_of, self.pointer, self.num_used)
         if n1 < 0:
             return False
         self.num_used = n1

@@ -493,6 +493,10 @@ class SparseEngine:
         self._rows_view = self._buffer_rows()
         acts = [getattr(a.layers[l], "activation_fn", None) or a.layers[l].mlp.act_fn for l in range(a.n_layers)]
         self.layers = [self._layer_state(l, self.sizing.capacities[l], acts[l]) for l in range(a.n_layers)]
+        # CPU, preallocated: the buffer's integer-word view, made once (NeuronMatrix.update_words)
+        m0 = self.layers[0].matrix
+        self._rows_words = m0.words_of(self._rows_view) if isinstance(m0, NeuronMatrix) \
+            and self._rows_view is not None else None
         dense_modules = [(model.get_submodule(n.rsplit(".", 1)[0]), n.rsplit(".", 1)[1]) for n in ffn_names]
         for l in range(a.n_layers):
             a.replace_ffn(l, SparseFFN(self, l))
@@ -559,7 +563,10 @@ class SparseEngine:
             bias = None if st.bias is None else {"bias": st.bias_rows[ids] if isinstance(st.bias_rows, np.ndarray)
                                                  else st.bias[torch.from_numpy(ids).to(st.bias.device)]}
             # evict and load in one pass: the new bundles fill the evicted rows (dram.NeuronMatrix.update)
-            st.matrix.update(evict if s == 0 else evict[:0], ids, self._loaded_rows(ids.size), bias)
+            if self._rows_words is not None:
+                st.matrix.update_words(evict if s == 0 else evict[:0], ids, self._rows_words[:ids.size], bias)
+            else:
+                st.matrix.update(evict if s == 0 else evict[:0], ids, self._loaded_rows(ids.size), bias)
         t3 = time.perf_counter()
         c.io_s += io
         c.mem_s += t3 - t0 - io

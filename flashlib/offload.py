@@ -1072,7 +1072,7 @@ def paper_vs_ours_rows(summary: pd.DataFrame | None, meta: dict | None, paper_sc
         rows.append((f"{m} (the paper's half of the model)", "-",
                      f"{_ms(summary, m):.1f} ms/token ({_ms(summary, m) / fl:.1f}x flashlib's)" if ok
                      else st.loc[m, "status"],
-                     "the engine cannot run at 50%: its resident part alone is larger (embeddings of a small vocab model)"))
+                     "the engine cannot run at 50% of this model: its resident part plus the window k=5 is larger"))
     if paper_scale is not None and len(paper_scale):
         ps = paper_scale.set_index("method")
         naive = f"; O_DIRECT naive {ps.loc['naive', 'total_ms_median']:.0f} ms" if "naive" in ps.index else ""

@@ -21,10 +21,11 @@ def test_generate_streams_tokens_and_prints_the_breakdown(capsys, tmp_path):
     assert "per decoded token" in out
 
 
-def test_smaller_matrices_and_read_buffer_still_generate(capsys, tmp_path):
+@pytest.mark.parametrize("rows", ["2", "max"])
+def test_smaller_matrices_and_read_buffer_still_generate(capsys, tmp_path, rows):
     code, out, _ = run(capsys, "generate", "--model", "relu-opt-smoke", "--prompt", "The king said",
                        "--max-new-tokens", "4", "--policy", "oracle", "--dram-budget", "none",
-                       "--capacity-quantile", "0.5", "--read-buffer-rows", "2", "--flash-root", str(tmp_path))
+                       "--capacity-quantile", "0.5", "--read-buffer-rows", rows, "--flash-root", str(tmp_path))
     assert code == 0 and "per decoded token" in out
 
 

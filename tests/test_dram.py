@@ -37,6 +37,10 @@ def test_random_insert_delete_against_a_dict_model():
     kw = dict(vector_names=("up", "down"), scalar_names=("bias",), dtype=torch.float32)
     pre, naive = NeuronMatrix(cap, d_model, d_ffn, **kw), NaiveNeuronMatrix(cap, d_model, d_ffn, **kw)
     fused = NeuronMatrix(cap, d_model, d_ffn, **kw)                  # the engine's one-pass update()
+    worded = NeuronMatrix(cap, d_model, d_ffn, **kw)                 # update_words from a refilled buffer
+    buffer = torch.zeros(20, 2 * d_model)
+    buffer_words = worded.words_of(buffer)
+    assert buffer_words is not None and np.shares_memory(buffer_words, buffer.numpy())
     fast_calls, real_fast = [], fused._fast_update
 
     def counting_fast(*args):
@@ -67,6 +71,11 @@ def test_random_insert_delete_against_a_dict_model():
             with pytest.raises(DramBudgetError, match="over capacity"):
                 fused.update(evict, load, rows, {"bias": b})
             assert same(before, snapshot(fused))
+            before = snapshot(worded)
+            buffer[:load.size] = rows
+            with pytest.raises(DramBudgetError, match="over capacity"):
+                worded.update_words(evict, load, buffer_words[:load.size], {"bias": b.numpy()})
+            assert same(before, snapshot(worded))
             for m in (pre, naive):
                 before = snapshot(m)
                 with pytest.raises(DramBudgetError, match="over capacity"):
@@ -77,6 +86,8 @@ def test_random_insert_delete_against_a_dict_model():
         for m in (pre, naive):
             m.insert(load, rows, {"bias": b})
         fused.update(evict, load, rows, {"bias": b.numpy() if step % 4 == 1 else b})   # numpy or torch
+        buffer[:load.size] = rows                                     # unsorted ids: the general path
+        worded.update_words(evict, load, buffer_words[:load.size], {"bias": b.numpy()})
         for i in evict.tolist():
             del model[i], bias[i]
         for j, i in enumerate(load.tolist()):
@@ -85,8 +96,19 @@ def test_random_insert_delete_against_a_dict_model():
             check_against_model(pre, model, bias)
             check_against_model(naive, model, bias)
             check_against_model(fused, model, bias)
+            check_against_model(worded, model, bias)
     assert overflows > 50                                             # the overflow path was exercised
     assert sum(fast_calls) > 1000                                     # and the compiled one
+
+
+def test_words_of_only_views_what_it_can_share():
+    m = NeuronMatrix(4, 2, 8, dtype=torch.float32)
+    assert m.words_of(torch.zeros(3, 4, dtype=torch.float64)) is None          # another dtype
+    assert m.words_of(torch.zeros(3, 5)) is None                               # another width
+    assert m.words_of(torch.zeros(3, 6)[:, 1:5]) is None                       # rows not word-aligned
+    with pytest.raises(TypeError, match="words_of"):
+        m.update_words(np.zeros(0, np.int64), np.array([1]), np.ones((1, 4), np.float32))
+    assert m.num_used == 0
 
 
 def test_delete_moves_at_most_one_row_per_eviction():
