@@ -104,7 +104,7 @@ def test_a_truncated_stream_file_stops_generation(smoke, tmp_path):
 
 
 def test_dense_reference_reads_nothing_and_equals_dense(smoke, root):
-    """The floor row of the latency tables: every weight resident, timed by the same hooks."""
+    """The dense row of the latency tables: every weight resident, timed by the same hooks."""
     from flashlib.experiments import build_runner
     _, ids, dense = smoke
     with build_runner("dense", "relu-opt-smoke", None, tokenizer=None, flash_root=root) as run:
