@@ -59,9 +59,9 @@ class ReluOptConfig:
     name: str = "relu-opt"                     # cache folder under paths.models_dir()
     domains: tuple[str, ...] = ("news", "shakespeare", "code")
     # tokenizer: byte-level BPE trained on the train splits
-    # 4096 tokens and d_ffn = 16 d_model make the FFN ~80% of the bytes, as in OPT (6.7B: 65%, with
-    # attention 4 d^2 per layer); with 8192 and 4 d_model (run F in data/README) embeddings and attention
-    # were 60% of the bytes and half the model could not hold the paper's window (run G)
+    # 4096 tokens and d_ffn = 16 d_model make the FFN ~80% of the bytes (OPT 6.7B: 65%), so half the
+    # model holds the resident part plus the paper's window; the first preset (8192 tokens, d_ffn 1024)
+    # spent 60% of its bytes on embeddings and attention and needed 83% (run G in data/README)
     vocab_size: int = 4096
     tokenizer_chars_per_domain: int = 4_000_000
     train_chars_per_domain: int | None = None  # None: whole train split (token cache in corpus_dir)
