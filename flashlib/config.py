@@ -369,10 +369,11 @@ class EngineConfig:
     # Below 1: the union that this share of windows fits in (never less than the largest single
     # active set); a token whose window outgrows it drops older tokens' neurons (counted as "shrunk").
     capacity_quantile: float = 1.0
-    # Rows of the one read buffer that new bundles land in before the matrix takes them; larger loads
-    # are read in rounds. A token's new neurons are a few dozen rows per layer (ReLU OPT, k=5) but a
-    # sequence's first token loads its whole active set (2120 rows in layer 0 of the ReLU OPT, 10% of
-    # the model): sizing for that would cost the budget more than the rounds cost (run G in
+    # Smallest read buffer (rows) that new bundles land in before the matrix takes them; larger loads
+    # are read in rounds, and whatever the budget leaves after the window is added to it (up to the
+    # largest single active set). A token's new neurons are a few dozen rows per layer (ReLU OPT, k=5)
+    # but a sequence's first token loads its whole active set (2120 rows in layer 0 of the ReLU OPT,
+    # 10% of the model): reserving that would cost the window more than the rounds cost (run G in
     # data/README). None: the largest single active set (one round always).
     read_buffer_rows: int | None = 128
     preallocated: bool = DRAM.preallocated

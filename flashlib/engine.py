@@ -351,7 +351,10 @@ def size_window(peaks: np.ndarray | None, d_ffn: int, n_layers: int, resident: i
 
     ``peaks`` None means every neuron is active (policy "all"): d_ffn rows per layer, k = 1.
     ``buffer_rows`` None: the read buffer holds the largest single active set (+ margin); fewer
-    rows make larger loads go in rounds (``SparseEngine.token``).
+    rows make larger loads go in rounds (``SparseEngine.token``). With a byte budget, what the
+    chosen window leaves of it grows the buffer (never past the largest single active set): fewer
+    rounds at no cost to the window (SmolLM2 at 90%: 845 rows instead of 128, 232 vs 285 ms per
+    token side by side). ``table`` lists the needs with the smallest buffer.
     Refuses (DramBudgetError naming the minimum) before anything is allocated or read.
     """
     if peaks is None:
@@ -384,6 +387,9 @@ def size_window(peaks: np.ndarray | None, d_ffn: int, n_layers: int, resident: i
             f"{' or use a smaller window k' if k else ''}")
     if k is None:
         k = int(table.loc[table["fits"], "k"].max())
+    if budget is not None:                    # the budget the window leaves grows the read buffer
+        spare = budget_b - int(table.loc[k, "need_bytes"])
+        buffer_rows = min(largest, buffer_rows + spare // slot)
     return Sizing(k, table.loc[k, "capacities"], buffer_rows, budget_b, table.drop(columns=["capacities"]))
 
 

@@ -271,6 +271,13 @@ def test_peak_rows_and_sizing_known_answer():
     s1 = eng.size_window(peaks, 10, 1, resident=100, row_bytes=10, slot=4, budget=None, k=2, margin=0.0,
                          buffer_rows=1)
     assert s1.buffer_rows == 1 and int(s1.table.loc[2, "need_bytes"]) == 100 + 30 + 4
+    # a byte budget: k=3 (140 B + buffer) does not fit 138 B; what k=2 leaves (4 B) grows the buffer
+    s2 = eng.size_window(peaks, 10, 1, resident=100, row_bytes=10, slot=4, budget=138, k=None, margin=0.0,
+                         buffer_rows=1)
+    assert s2.k == 2 and s2.buffer_rows == 2
+    s3 = eng.size_window(peaks, 10, 1, resident=100, row_bytes=10, slot=4, budget=10_000, k=1, margin=0.0,
+                         buffer_rows=1)
+    assert s3.k == 1 and s3.buffer_rows == 2              # never past the largest single active set
 
 
 def test_quantile_peak_rows_known_answer():
