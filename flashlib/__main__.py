@@ -81,8 +81,9 @@ def parser() -> argparse.ArgumentParser:
                    help="1: matrices hold the largest window seen in calibration (paper); lower: the window on "
                         "this share of tokens, shrinking on the rest")
     g.add_argument("--read-buffer-rows", type=_buffer_rows, default=ENGINE.read_buffer_rows,
-                   help=f"rows of the read buffer (default {ENGINE.read_buffer_rows}); larger loads are read "
-                        "in rounds; 'max': the largest single active set, one round always")
+                   help=f"smallest read buffer in rows (default {ENGINE.read_buffer_rows}; what the window leaves "
+                        "of the budget is added); larger loads are read in rounds; 'max': the largest single "
+                        "active set, one round always")
     g.add_argument("--naive-matrix", action="store_true", help="realloc-and-copy DRAM matrix (Fig 6 ablation)")
     g.add_argument("--sample", action="store_true", help="nucleus sampling instead of greedy")
     g.add_argument("--top-p", type=_share, default=0.9)
