@@ -110,7 +110,7 @@ def cmd_generate(args) -> None:
     from transformers import TextStreamer
 
     from .engine import SparseEngine
-    from .experiments import predictors_for
+    from .bench import predictors_for
     from .models import load_model
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
@@ -138,31 +138,35 @@ def cmd_generate(args) -> None:
 
 
 def cmd_bench(args) -> None:
+    from . import bench
     from . import experiments as ex
     cfg = dataclasses.replace(bench_config(), dram_budget=args.dram_budget, prompt_tokens=args.prompt_tokens,
                               new_tokens=args.new_tokens, repeats=args.repeats)
-    raw, info = ex.latency_benchmark(args.model, ex.METHODS + ("dense",), cfg=cfg, flash_root=args.flash_root)
-    summary = ex.breakdown(raw, info)
+    raw, info = ex.latency_benchmark(args.model, bench.METHODS + ("dense",), cfg=cfg, flash_root=args.flash_root)
+    summary = bench.breakdown(raw, info)
     try:
-        summary = ex.computed_io(summary)
+        summary = bench.computed_io(summary)
     except FileNotFoundError as e:
         print(f"[flashlib] no computed column: {e}")
     pd.set_option("display.width", 200)
     print(f"\nTable 2 (I/O per token; {args.model}; budget {args.dram_budget}; I/O {info['io_mode'].iloc[-1]}):")
-    print(ex.table2(summary).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(bench.table2(summary).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     print("\nTable 3 (ms per token, medians over decoded tokens):")
-    print(ex.table3(summary, args.model).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    print("\nratios:", {k: round(float(v), 3) for k, v in ex.ratios(summary).items()})
+    print(bench.table3(summary, args.model).to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    print("\nratios:", {k: round(float(v), 3) for k, v in bench.ratios(summary).items()})
     if args.baselines:
-        from . import offload
+        from . import offload, workers
+        from .cgroup import cgroup_unavailable_reason
         from .config import offload_config
-        why = offload.cgroup_unavailable_reason()
+        why = cgroup_unavailable_reason()
         if why:
             print(f"\n[flashlib] baselines skipped: {why}")
         else:
-            result = offload.side_by_side(args.model, offload_config(), flash_root=args.flash_root)
-            print(f"\nflashlib vs the page cache vs accelerate disk offload ({result.meta['budget_note']}):")
-            print(offload.summarize(result).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+            plan = offload.plan(args.model, offload_config(), flash_root=args.flash_root)
+            result = workers.side_by_side(plan)
+            print(f"\nflashlib vs the page cache vs accelerate disk offload, each under a memory limit "
+                  f"({result.meta['budget_note']}):")
+            print(workers.summarize(result, "flashlib").to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     if args.iobench:
         from . import iobench
         print(iobench.summarize(iobench.run_grid()).to_string(index=False))
@@ -174,7 +178,7 @@ def cmd_bench(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from .dram import DramBudgetError
-    from .engine import EngineError, GenerationInterrupted
+    from .clock import EngineError, GenerationInterrupted
     from .models import ModelNotAvailable
     try:
         (cmd_generate if args.command == "generate" else cmd_bench)(args)

@@ -354,13 +354,14 @@ class EngineConfig:
     None picks the largest k in 0..``max_window_k`` whose matrices fit the budget.
     """
 
-    policy: str = "predictor"         # active set: "all" | "oracle" (dense reference) | "predictor"
+    policy: str = "predictor"         # active set: "all" | "oracle" (dense reference) | "predictor" | "trace"
     layout: str = "bundled"           # flash file read by the engine: "bundled" | "separate" (Table 2)
     dram_budget: float | None = DRAM.budget_fraction
     window_k: int | None = None       # None: the largest k that fits the budget
     max_window_k: int = 32
     density: float | None = None      # predictor: per-token top-k share instead of the thresholds
     flash_dtype: str | None = None    # None: the model's dtype (fp32 on CPU, like the paper's CPU runs)
+    compute_dtype: str | None = None  # None: the model's dtype; "bfloat16" (AMX here) or "float32"
     flash_preset: str = "compact"     # FLASH_FILE_PRESETS: 512 B rows keep small bundles unpadded
     calibration_tokens: int = 384     # predictor/oracle trace on the train split that sizes Req_i
     calibration_seq_len: int = 128
@@ -369,6 +370,10 @@ class EngineConfig:
     # Below 1: the union that this share of windows fits in (never less than the largest single
     # active set); a token whose window outgrows it drops older tokens' neurons (counted as "shrunk").
     capacity_quantile: float = 1.0
+    # "window": each matrix holds its window k (Req_i above), and a budget that cannot is refused;
+    # "budget": a given window k gets the matrices the budget affords (at least one token's set),
+    # shrinking on tokens whose window outgrows them (the paper's Persimmon, Phi-2, Llama 2).
+    capacity: str = "window"
     # Smallest read buffer (rows) that new bundles land in before the matrix takes them; larger loads
     # are read in rounds, and whatever the budget leaves after the window is added to it (up to the
     # largest single active set). A token's new neurons are a few dozen rows per layer (ReLU OPT, k=5)
@@ -385,7 +390,7 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """Side-by-side latency benchmark (experiments.latency_benchmark; paper Tables 2, 3, 5)."""
+    """Side-by-side latency benchmark (bench, experiments.latency_benchmark; paper Tables 2, 3, 5)."""
 
     prompt_tokens: int = 128          # paper sec 5: first 128 tokens of each example
     new_tokens: int = 64              # decode tokens timed per run (paper: 256)
@@ -486,12 +491,14 @@ TRACE_CALIBRATION = TraceCalibration()
 
 @dataclass(frozen=True)
 class PaperScaleConfig:
-    """OPT 6.7B geometry on this disk (paperscale.py; Tables 2 and 3 at true bytes and chunk sizes).
+    """OPT 6.7B geometry as a real Hugging Face model on this disk (paperscale.py; Tables 2 and 3, Fig 1).
 
-    Synthetic fp16 FFN weights at OPT 6.7B's shapes, in both layouts, under
-    ``paths.flash_dir() / folder`` (smoke: build/smoke/flash); a trace from ``traces`` drives the
-    window, the DRAM matrices and the flash store per token and layer, with real O_DIRECT reads.
-    Methods alternate block by block inside each round (see ``paperscale.replay``).
+    An ``OPTForCausalLM`` of this geometry, built on the meta device: its FFN lives only in the
+    flash files (synthetic fp16 weights, both layouts), its other weights in the stream file (fp16),
+    loaded into DRAM in the compute dtype by the methods that keep them resident. Active sets come
+    from the calibrated trace generator (``traces``; policy "trace"). Every method runs through the
+    same engine or dense streaming path inside ``generate()``, one worker process per run under a
+    cgroup memory limit, alternating (``workers.side_by_side``).
     """
 
     folder: str = "opt67b-geometry"
@@ -507,30 +514,31 @@ class PaperScaleConfig:
     flash_preset: str = "portable"    # FLASH_FILE_PRESETS; 4096 B rows: no padding at this geometry
     weight_seed: int = 0
     verify: str = "spot"              # reuse check: "manifest" | "spot" (rows re-generated) | "full" (checksums)
-    dram_dtype: str = "float32"       # DRAM copies and compute: the paper's CPU runs are fp32 (see paperscale)
-    window_k: int = WINDOW.k          # paper.WINDOW_K_OPT
-    dram_fraction: float = DRAM.budget_fraction   # hybrid: share of the model resident (Table 2)
-    capacity_margin: float = DRAM.capacity_margin  # matrix rows = peak on a sizing trace x (1 + margin)
-    prompt_tokens: int = 128          # KV cache length before the first replayed token (sec 5)
+    dtypes: tuple = ("bfloat16", "float32")   # compute: bf16 (AMX here) for every row, fp32 (the paper's CPU) for Table 3
+    window_k: int = WINDOW.k          # paper.WINDOW_K_OPT; at half the model the matrices hold less (capacity "budget")
+    capacity: str = "budget"          # EngineConfig.capacity: the window shrinks to the rows half the model affords
+    dram_fraction: float = DRAM.budget_fraction   # every method's budget: half the model (Table 2)
+    capacity_margin: float = DRAM.capacity_margin
+    read_buffer_rows: int = 640       # EngineConfig.read_buffer_rows: one read round for a token's ~500 new rows per layer
+    prompt_tokens: int = 8            # prefill runs token by token through the sparse FFN (~1 s each here)
+    new_tokens: int = 12              # sparse rows: decode steps timed per run (after the prompt filled the window)
+    dense_new_tokens: int = 2         # naive / hybrid / page cache: ~13 / 7 / 13 GB read per step
     n_tokens: int = TraceConfig.n_tokens   # trace length (sec 5: 256 generated tokens)
     trace_seed: int = TraceConfig.seed   # the sizing trace uses trace_seed + 1
     rounds: int = 3                   # each round runs every method once, in rotated order
-    sparse_tokens: int = 8            # timed tokens per block (after the window's warm-up tokens)
-    dense_tokens: int = 1             # timed tokens per block of naive / hybrid (~13 GB read per naive token)
-    resident_copies: int = 2          # distinct copies of the synthetic resident weights (2 x 268 MB > 300 MiB L3)
     probe_seconds: float = 0.5        # per chunk size and round: same-run throughput probe (iobench.run_ours)
-    lm_head: bool = True              # compute the tied LM head (vocab x d_model) once per token
-    # torch threads: on the shared 2-core machine (load 15-25) one thread ran a paper-scale layer
-    # 1.2-1.6x faster than two (each OpenMP region waits for a descheduled second thread)
-    threads: int = 1
+    stream_chunk_bytes: int = 32 << 20   # dense streaming reads an FFN layer in 32 MiB chunks (32 x 1 MiB in flight)
+    threads: int = 2                  # torch threads: bf16 matrix-vector products need both cores here (7 vs 12 ms)
+    io_threads: int = 32              # paper sec 3.3
 
 
 PAPER_SCALE_PRESETS = {
     "full": PaperScaleConfig(),
     # one layer at the true width: true chunk sizes, a 0.5 GB pair of files, well under a minute
     "smoke": PaperScaleConfig(folder="opt67b-geometry-smoke", n_layers=1, vocab_size=512,
-                              max_positions=1024, predictor_sensitive_layers=0, n_tokens=24, rounds=2,
-                              sparse_tokens=3, probe_seconds=0.2),
+                              max_positions=1024, predictor_sensitive_layers=0, n_tokens=24, rounds=1,
+                              prompt_tokens=4, new_tokens=3, dense_new_tokens=2, probe_seconds=0.2,
+                              dtypes=("bfloat16",), stream_chunk_bytes=4 << 20),
 }
 
 
@@ -544,14 +552,14 @@ class OffloadConfig:
     """The baselines a user would pick instead (offload.py; peers.md sec 7): weights through the OS
     page cache (mmap, llama.cpp-style) and Hugging Face accelerate disk offload, beside the engine.
 
-    Every method runs as a fresh worker process (``python -m flashlib.offload worker``), methods
-    alternating A B C (rotated each repeat), each in its own cgroup-v1 memory child group: the
-    page-cache and accelerate workers under ``memory.limit_in_bytes`` = DRAM budget + the worker's
-    own measured non-weight memory, the engine in an accounting-only group (it enforces its budget
-    in-process, and O_DIRECT leaves no page cache). Prompt + new tokens are capped at the model's context.
+    Every method runs as a fresh worker process (``python -m flashlib.workers``), methods
+    alternating A B C (rotated each repeat), each in its own cgroup-v1 memory child group whose
+    ``memory.limit_in_bytes`` the worker sets after its setup to the DRAM budget + its own measured
+    non-weight memory (``workers``: an accounting-only run, weight files pre-cached outside it, minus
+    the weight tensors it holds). Prompt + new tokens are capped at the model's context.
     """
 
-    dram_budget: float | str = BenchConfig.dram_budget   # "paper": experiments.paper_budget (half the model if k fits)
+    dram_budget: float | str = BenchConfig.dram_budget   # "paper": bench.paper_budget (half the model if k fits)
     window_k: int = WINDOW.k            # the window the "paper" budget is sized for
     prompt_tokens: int = 64             # ReLU OPT has 128 positions: 64 prompt + 32 new fit
     new_tokens: int = 32                # timed decode tokens per run
@@ -561,10 +569,10 @@ class OffloadConfig:
     threads: int = BenchConfig.threads  # torch threads in every worker
     io_threads: int = BenchConfig.io_threads
     domain: str = BenchConfig.domain    # prompts: held-out split of this domain
-    overhead_repeats: int = 2           # pre-cached runs that measure a worker's non-weight memory
+    overhead_repeats: int = 2           # accounting-only runs that measure a worker's non-weight memory
     poll_seconds: float = 0.05          # the parent samples the group's memory.stat this often
     worker_timeout_s: float = 1800.0
-    # a baseline under its memory limit may thrash (accelerate at half the ReLU OPT re-read ~140 GB of
+    # a worker under its memory limit may thrash (accelerate at half the ReLU OPT re-read ~140 GB of
     # file pages in 3.5 min): past this it is killed and reported as not finishing, not waited for.
     # A run that works takes < 60 s (setup + 32 tokens at ~1 s each, the slowest seen).
     limited_timeout_s: float = 120.0
@@ -580,31 +588,6 @@ OFFLOAD_PRESETS = {
 
 def offload_config(smoke: bool | None = None) -> OffloadConfig:
     return OFFLOAD_PRESETS["smoke" if (smoke_mode() if smoke is None else smoke) else "full"]
-
-
-@dataclass(frozen=True)
-class PaperScaleOffloadConfig:
-    """The page-cache baseline at OPT 6.7B geometry (offload.py) beside the engine's paper-scale replay.
-
-    A worker mmaps the paper-scale flash files and, per token and layer, pages in the same bytes the
-    naive row reads (the layer's FFN from the bundled file, its share of the non-FFN bytes from the
-    separate file, so no byte is counted twice) and runs the naive row's dense compute, under a
-    memory limit of ``dram_fraction`` of the model + the worker's measured overhead.
-    """
-
-    rounds: int = 2                     # each round: engine block, page-cache run (rotated order)
-    pagecache_tokens: int = 2           # tokens per page-cache run (~20 s each at full size)
-    dram_fraction: float = DRAM.budget_fraction
-
-
-PAPER_SCALE_OFFLOAD_PRESETS = {
-    "full": PaperScaleOffloadConfig(),
-    "smoke": PaperScaleOffloadConfig(rounds=1, pagecache_tokens=2),
-}
-
-
-def paper_scale_offload_config(smoke: bool | None = None) -> PaperScaleOffloadConfig:
-    return PAPER_SCALE_OFFLOAD_PRESETS["smoke" if (smoke_mode() if smoke is None else smoke) else "full"]
 
 
 @dataclass(frozen=True)

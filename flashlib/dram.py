@@ -245,6 +245,10 @@ class NeuronMatrix(_MatrixBase):
         self._mat_np = _words(self.matrix) if host else None
         self._sc_np = _words(self.scalars) if host else None
         self._mat_dtype = None if dtype == torch.bfloat16 else torch.empty(0, dtype=dtype).numpy().dtype
+        # element-level view for rows converted from fp16 while they are put (bf16: uint16, fp32: uint32)
+        el = {torch.bfloat16: torch.int16, torch.float32: torch.int32}.get(dtype) if host else None
+        self._el_np = self.matrix.view(el).numpy().view(np.uint16 if el == torch.int16 else np.uint32) \
+            if el is not None else None
 
     def _move_rows(self, dst: np.ndarray, src: np.ndarray) -> None:
         """Rows ``src`` -> rows ``dst`` (disjoint), weights, scalars and the index."""
@@ -360,32 +364,51 @@ class NeuronMatrix(_MatrixBase):
         rows = torch.from_numpy(np.ascontiguousarray(words)).view(self.dtype)
         super().update(evict, load, rows, scalars)             # finds and names the problem
 
-    def _fast_update(self, evict, load, words, scalars) -> bool:
-        """``update`` in one compiled call with the new bundles as integer words (``_words``);
-        False (nothing changed) when the kernel's checks or the input forms do not hold."""
+    def update_f16(self, evict, load, rows16: np.ndarray, scalars: dict | None = None) -> None:
+        """``update`` with the new bundles as fp16 bits (``[n, bundle_width]`` uint16, e.g. a view of the read
+        buffer of an fp16 flash file) for a bf16 or fp32 matrix: converted while they are put, in one pass
+        (``kernels.put_rows_f16``), exactly as ``torch.Tensor.to`` casts. Same checks and result as ``update``."""
+        if self._el_np is not None and self._fast_update(evict, load, rows16, scalars, f16=True):
+            return
+        rows = torch.from_numpy(np.ascontiguousarray(rows16).view(np.float16))
+        super().update(evict, load, rows, scalars)             # converts; finds and names any problem
+
+    def _fast_update(self, evict, load, rows, scalars, f16: bool = False) -> bool:
+        """``update`` in two compiled calls (``kernels.matrix_plan``, then ``put_rows`` or ``put_rows_f16``)
+        with the new bundles as integer words of the matrix dtype (``_words``) or as fp16 bits; False
+        (nothing changed) when the kernel's checks or the input forms do not hold."""
+        want = (np.uint16, self.bundle_width) if f16 else (self._mat_np.dtype, self._mat_np.shape[1])
         if not (type(evict) is np.ndarray and type(load) is np.ndarray and evict.dtype == load.dtype == np.int64
-                and evict.ndim == load.ndim == 1 and type(words) is np.ndarray
-                and words.dtype == self._mat_np.dtype):
+                and evict.ndim == load.ndim == 1 and type(rows) is np.ndarray and rows.dtype == want[0]
+                and rows.ndim == 2 and rows.shape == (load.size, want[1])):
             return False
         if self.scalar_names:
             sc = scalars.get(self.scalar_names[0]) if isinstance(scalars, dict) and len(scalars) == 1 else None
             if len(self.scalar_names) != 1:
                 return False
-            if isinstance(sc, np.ndarray) and sc.dtype == self._mat_dtype:       # e.g. a numpy bias gather
+            if isinstance(sc, np.ndarray) and sc.ndim == 2 and sc.dtype == self._sc_np.dtype:   # words already
+                pass
+            elif isinstance(sc, np.ndarray) and sc.dtype == self._mat_dtype:     # e.g. a numpy bias gather
                 sc = np.ascontiguousarray(sc).reshape(-1, 1).view(self._sc_np.dtype)
             elif isinstance(sc, torch.Tensor) and sc.device.type == "cpu":
                 sc = _words(sc.reshape(-1, 1).to(self.dtype))
             else:
+                return False
+            if sc.shape[0] != load.size:
                 return False
         elif scalars:
             return False
         else:
             sc = np.zeros((load.size, 0), self._sc_np.dtype)
         from .window import kernels             # numba on first use (see window.kernels)
-        n1 = kernels().matrix_update(self._mat_np, self._sc_np, words, sc, evict, load,
-                                     self.row_of, self.pointer, self.num_used)
+        k = kernels()
+        n1, dest = k.matrix_plan(self._mat_np, self._sc_np, evict, load, self.row_of, self.pointer, self.num_used)
         if n1 < 0:
             return False
+        if f16:
+            k.put_rows_f16(self._el_np, self._sc_np, dest, rows, sc, self.dtype == torch.bfloat16)
+        else:
+            k.put_rows(self._mat_np, self._sc_np, dest, rows, sc)
         self.num_used = n1
         return True
 
@@ -535,3 +558,28 @@ def dram_bytes_moved(n_resident: int, n_evict: int, n_load: int, bytes_per_row: 
         return (2 * (n_resident - n_evict) + n_load) * bytes_per_row
     moves = max(0, n_evict - n_load) if one_pass else n_evict
     return (min(moves, max(0, n_resident - n_evict)) + n_load) * bytes_per_row
+
+
+CONVERT_ELEMS = 1 << 18     # values per pass through the fp32 scratch of ``convert_into`` (1 MiB)
+
+
+def convert_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` across dtypes, e.g. flash-file rows (fp16) into DRAM rows (bf16 or fp32).
+
+    Between two 16-bit float types (fp16 <-> bf16) the copy goes through an fp32 scratch of at most
+    ``CONVERT_ELEMS`` values: 3.5x faster on this CPU than torch's direct cast (measured: 2.1 vs
+    ~6 GB/s). ``dst``, ``src``: same shape, 1-D or 2-D (rows may be strided).
+    """
+    sixteen = {torch.float16, torch.bfloat16}
+    if dst.dtype == src.dtype or not (dst.dtype in sixteen and src.dtype in sixteen) or dst.device.type != "cpu":
+        dst.copy_(src)
+        return
+    if dst.dim() == 1:
+        dst, src = dst.view(1, -1), src.view(1, -1)
+    step = max(1, CONVERT_ELEMS // max(1, dst.shape[1]))
+    scratch = torch.empty(min(step, dst.shape[0]), dst.shape[1], dtype=torch.float32)
+    for s in range(0, dst.shape[0], step):
+        e = min(dst.shape[0], s + step)
+        tmp = scratch[:e - s]
+        tmp.copy_(src[s:e])
+        dst[s:e].copy_(tmp)

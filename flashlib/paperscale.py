@@ -1,78 +1,61 @@
-"""Paper scale: OPT 6.7B's geometry on this machine's disk (paper sec 4.2 Table 2, sec 5 Table 3, Fig 1).
+"""Paper scale: OPT 6.7B's geometry as a real Hugging Face model on this disk (paper Tables 2 and 3, Fig 1).
 
-OPT 6.7B cannot run here, but its I/O is a matter of shapes and byte counts, which we reproduce
-exactly, and its compute is a matter of matrix sizes, which we run at the true size:
+OPT 6.7B's weights cannot be installed here, but its I/O is a matter of shapes and byte counts and
+its compute a matter of matrix sizes, both of which we reproduce exactly: ``build_model`` makes an
+``OPTForCausalLM`` from OPT 6.7B's configuration (32 layers, d_model 4096, d_ffn 16384) on the
+meta device, so the whole model is never in DRAM, and every method runs it through the same code
+as the small models, inside ``generate()``:
 
-1. Flash files (``ensure_flash_files``): synthetic fp16 FFN weights with OPT 6.7B's shapes
-   (32 layers x 16384 neurons, d_model 4096: a vector is 8 KiB, a bundle 16 KiB), streamed layer by
-   layer through ``layout.write_flash_file`` in the bundled and the separate layout (8.6 GB each),
-   and reused while their manifests match and a spot check of re-generated rows passes. Weights
-   are random bits shaped into fp16 values of magnitude ~1/sqrt(d_model) (``ffn_layer``): drawing
-   N(0, 1) values, as ``layout.synthetic_layers`` does, takes ~10 s per layer on this machine (over
-   10 minutes for both files); random bits take a fraction of a second.
-2. Traces: ``traces.generate_trace`` at the paper preset gives every token's predicted set per
-   layer; a second trace (seed + 1) sizes the DRAM matrices (the paper's Req_i), as the paper
-   sizes them on other text than it measures.
-3. Replay (``replay``): per token and layer, the engine's machinery, in the order of a real layer:
-   attention -> predictor (synthetic low rank; the set itself comes from the trace) ->
-   ``SlidingWindow.update`` -> ``FlashStore.read`` (O_DIRECT, 32 threads, file evicted before
-   every block) -> ``NeuronMatrix.update`` (evict + load in one pass) -> sparse FFN over the
-   resident rows (restricted to the token's predicted set); after the last layer the tied LM head.
-   Naive and hybrid read densely (1 MiB reads over 32 threads) and run the dense FFN.
+* the sparse rows (+predictor, +windowing, +bundling) through ``SparseEngine`` with the active-set
+  policy "trace": each token's set comes from ``traces.generate_trace`` at the paper preset
+  (calibrated to Table 6, App. B.1, C.1, Fig 12), the matrices are sized on a second draw (seed +
+  1), and synthetic low-rank predictors (Table 4's ranks) run for their cost and their DRAM;
+* naive, hybrid and the page cache through ``streaming.StreamingBaseline`` (O_DIRECT or mmap).
 
-What is synthetic, and why the timings still hold:
-- Resident (non-FFN) weights: the paper keeps attention and embeddings in DRAM (35% of the model).
-  We hold synthetic attention weights for ``resident_copies`` layers and cycle through them, so
-  compute runs at the true size every layer (two fp32 copies, 537 MB, exceed the CPU's 300 MiB
-  L3, so a reused copy is not served from cache) while DRAM holds 2 layers' worth, not 32.
-  Predictor weights (rank 128 / 1024) are one copy per rank. The KV cache is per layer.
-- The naive baseline reads the non-FFN bytes from flash every token too: we read the same number
-  of bytes, in the same 1 MiB chunks, from another layer of the bundled file (stand-in bytes: the
-  same I/O, other content) instead of writing a 4.7 GB attention file that nothing else needs.
-- Hybrid keeps the non-FFN part and the last neurons of every layer resident and streams the
-  first ``hybrid_stream_rows`` neurons of each layer, so that half of the model's bytes stream.
-- Precision: the flash file is fp16 (Table 2's 16-bit bytes: 13.4 GB per naive token, 16 KiB
-  bundles); DRAM copies and compute are fp32 (``dram_dtype``), like the paper's CPU runs. Insert
-  converts each loaded bundle to fp32 (counted as memory management; exact, fp16 is a subset of
-  fp32); naive and hybrid convert the rows they stream before the dense FFN (counted as compute).
-  fp16 compute is not an option on this CPU: torch's fp16 matrix-vector product is 5-9x slower
-  than fp32 here. Table 2's DRAM column counts 16-bit bytes, as the paper's does; the process's
-  real peak (fp32 matrices) is reported beside it.
+Weights (synthetic, fp16 on disk: Table 2's bytes, 13.3 GB):
+1. Flash files (``ensure_flash_files``): the FFN in the bundled and the separate layout (8.6 GB
+   each), written layer by layer through ``layout.write_flash_file``: random bits shaped into fp16
+   values of magnitude ~1/sqrt(d_model) (``ffn_layer``).
+2. The stream file (``ensure_stream_file``): every other weight (attention, embeddings, norms,
+   biases; 4.7 GB), one aligned group per layer (``streaming.write_stream_file``), values tiled from
+   a pool of such random fp16 values (norms are 1 and 0). The engine and hybrid load what they keep
+   resident from it into the compute dtype (bf16 or fp32); naive and the page cache read it every
+   token. Files are reused while their manifests match and a spot check of re-generated values passes.
 
-Methods alternate block by block: each round runs every method once (rotated order) on the same
-trace tokens, each block starting from an empty window with ``max(k, 1)`` untimed warm-up tokens.
+The outputs are not meaningful text (random weights; active sets from a trace, not from the
+weights, so the sparse FFN sums the trace's neurons only). What is measured is real: every read
+(O_DIRECT, 32 threads), the window, the DRAM matrices, the conversion of loaded bundles, and the
+compute at the true sizes (attention over the KV cache, predictors, sparse FFN, LM head).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import math
-import os
-import resource
 import shutil
 import time
-from dataclasses import dataclass, field
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import costmodel, layout, paper, paths
-from .config import (FLASH_FILE_PRESETS, TRACE_PRESETS, PaperScaleConfig, StoreConfig, TraceConfig,
-                     smoke_mode)
-from .dram import DramBudget, NeuronMatrix, capacity_for_window
+from .config import ENGINE, FLASH_FILE_PRESETS, TRACE_PRESETS, EngineConfig, PaperScaleConfig, StoreConfig, \
+    TraceConfig, smoke_mode
 from .store import ChecksumError, FlashStore
-from .traces import torch_threads
 from .traces import Trace, generate_trace, prediction_statistics, trace_statistics
-from .window import SlidingWindow, window_capacity
 
 LAYOUTS = ("bundled", "separate")
 METHOD_NAMES = ("naive", "hybrid", "predictor", "windowing", "bundling")   # Table 2's rows, in order
+DENSE_METHODS = ("naive", "hybrid", "pagecache")
 GENERATOR = "random-bits-fp16-v1"      # recorded in the manifest: another generator = another file
-FILE_DTYPE = "float16"                 # Table 2 is 16 bit: 13.4 GB per naive token
+STREAM_GENERATOR = "pool-fp16-v1"
+FILE_DTYPE = "float16"                 # Table 2 is 16 bit: 13.3 GB per naive token
+POOL_VALUES = 1 << 24                  # random fp16 values tiled into every non-FFN weight (32 MB)
 
 
 # --- geometry and bytes ------------------------------------------------------------------------
@@ -114,19 +97,6 @@ def model_bytes(cfg: PaperScaleConfig) -> costmodel.ModelBytes:
 def bundle_bytes(cfg: PaperScaleConfig) -> int:
     """One neuron's up and down vectors on flash: 2 x d_model x 2 B = 16 KiB at paper scale."""
     return 2 * cfg.d_model * np.dtype(FILE_DTYPE).itemsize
-
-
-def nonffn_rows(cfg: PaperScaleConfig) -> int:
-    """Bundle-sized rows per layer that carry the layer's share of the non-FFN bytes (naive reads)."""
-    parts = model_parts(cfg)
-    return math.ceil((sum(parts.values()) - parts["ffn"]) / cfg.n_layers / bundle_bytes(cfg))
-
-
-def hybrid_stream_rows(cfg: PaperScaleConfig) -> int:
-    """Neurons per layer that hybrid streams: (1 - dram_fraction) of the model's bytes, all from the FFN."""
-    total = sum(model_parts(cfg).values())
-    rows = round((1 - cfg.dram_fraction) * total / (cfg.n_layers * bundle_bytes(cfg)))
-    return int(min(max(rows, 0), cfg.d_ffn))
 
 
 # --- synthetic weights and the flash files -------------------------------------------------------
@@ -248,7 +218,150 @@ def ensure_flash_files(cfg: PaperScaleConfig, smoke: bool | None = None, progres
     return pd.DataFrame(rows)
 
 
-# --- traces and matrix sizes ------------------------------------------------------------------------
+# --- the non-FFN weights: the stream file -------------------------------------------------------
+
+def _exponent(cfg: PaperScaleConfig) -> int:
+    return max(1, 14 - round(math.log2(cfg.d_model) / 2))       # 8 at d_model 4096: |w| in [2^-7, 2^-6)
+
+
+@functools.lru_cache(maxsize=2)
+def _pool(seed: int, exponent: int) -> np.ndarray:
+    """``POOL_VALUES`` random fp16 values, random sign and mantissa, exponent fixed (as ``ffn_layer``)."""
+    bits = np.frombuffer(np.random.default_rng([seed, 7]).bytes(POOL_VALUES * 2), np.uint16)
+    return ((bits & np.uint16(0x83FF)) | np.uint16(exponent << 10)).view(np.float16)
+
+
+def synthetic_values(cfg: PaperScaleConfig, name: str, shape) -> np.ndarray:
+    """Values of one non-FFN weight, fp16 (deterministic per seed and name): layer norms 1 / 0, the fc1
+    bias ``ffn_bias``, everything else tiled from the pool from an offset set by the name."""
+    n = int(np.prod(shape))
+    if "layer_norm" in name:
+        return np.full(shape, 1.0 if name.endswith("weight") else 0.0, np.float16)
+    if name.endswith("fc1.bias"):
+        return ffn_bias(cfg, int(name.split(".layers.")[1].split(".")[0]))
+    pool = _pool(cfg.weight_seed, _exponent(cfg))
+    out, pos, i = np.empty(n, np.float16), 0, zlib.crc32(name.encode()) % POOL_VALUES
+    while pos < n:
+        take = min(n - pos, POOL_VALUES - i)
+        out[pos:pos + take] = pool[i:i + take]
+        pos, i = pos + take, 0
+    return out.reshape(shape)
+
+
+def stream_path(cfg: PaperScaleConfig, smoke: bool | None = None) -> Path:
+    return flash_folder(cfg, smoke) / "stream-float16.bin"
+
+
+def check_stream_file(cfg: PaperScaleConfig, smoke: bool | None = None, verify: str | None = None) -> list[str]:
+    """Why the stream file cannot be reused for ``cfg`` (empty: it can): its manifest must name this
+    generator and hold this model's groups; "spot" also re-generates the last layer's values."""
+    from .streaming import read_stream_manifest, stream_groups
+    verify = verify or cfg.verify
+    path = stream_path(cfg, smoke)
+    try:
+        m = read_stream_manifest(path)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        return [str(e)]
+    want = {"model_name": f"{weights_name(cfg)}/{STREAM_GENERATOR}", "dtype": FILE_DTYPE}
+    problems = [f"manifest {k}={m.get(k)!r}, want {v!r}" for k, v in want.items() if m.get(k) != v]
+    groups = stream_groups(meta_model(cfg), set(ffn_weight_names(cfg)))
+    shapes = {g: [(n, list(p.shape)) for n, p in ps] for g, ps in groups.items()}
+    if {g: [(e["name"], e["shape"]) for e in v["params"]] for g, v in m["groups"].items()} != shapes:
+        problems.append("its groups are not this geometry's")
+    if problems or verify == "manifest":
+        return problems
+    last = f"layer {cfg.n_layers - 1}"
+    g = m["groups"][last]
+    with open(path, "rb") as f:
+        f.seek(g["offset"])
+        raw = np.frombuffer(f.read(g["nbytes"]), np.uint8)
+    for e in g["params"]:
+        want_v = synthetic_values(cfg, e["name"], e["shape"]).reshape(-1).view(np.uint8)
+        if not np.array_equal(raw[e["offset"]:e["offset"] + want_v.size], want_v):
+            problems.append(f"{e['name']}: values differ from the synthetic weights")
+    return problems
+
+
+def ensure_stream_file(cfg: PaperScaleConfig, smoke: bool | None = None, progress: bool = True) -> dict:
+    """The non-FFN weights on disk (written once, ~4.7 GB at full size); returns what was done."""
+    from .streaming import stream_groups, write_stream_file
+    t0, path = time.perf_counter(), stream_path(cfg, smoke)
+    problems = check_stream_file(cfg, smoke)
+    if problems:
+        model = meta_model(cfg)
+        groups = stream_groups(model, set(ffn_weight_names(cfg)))
+        need = sum(p.numel() for ps in groups.values() for _, p in ps) * np.dtype(FILE_DTYPE).itemsize
+        _check_free_space(path, need)
+        write_stream_file(groups, path, FILE_DTYPE, values=lambda name, shape: synthetic_values(cfg, name, shape),
+                          info={"model_name": f"{weights_name(cfg)}/{STREAM_GENERATOR}"}, progress=progress)
+    action = "reused" if not problems else "written" if "missing" in problems[0] else "rewritten: " + "; ".join(problems)
+    return {"layout": "stream (non-FFN)", "path": str(path), "file_gb": path.stat().st_size / 1e9, "action": action,
+            "seconds": time.perf_counter() - t0,
+            "check": f"{cfg.verify} check passed" if action == "reused" else "written by this run"}
+
+
+def ensure_files(cfg: PaperScaleConfig, smoke: bool | None = None, progress: bool = True) -> pd.DataFrame:
+    """Every weight file of the geometry: both flash layouts and the stream file (one row each)."""
+    flash = ensure_flash_files(cfg, smoke, progress)
+    return pd.concat([flash, pd.DataFrame([ensure_stream_file(cfg, smoke, progress)])], ignore_index=True)
+
+
+# --- the model ---------------------------------------------------------------------------------
+
+def opt_config(cfg: PaperScaleConfig):
+    """OPT 6.7B's configuration at this geometry (pre-LN, ReLU, learned positions, tied LM head)."""
+    from transformers import OPTConfig
+    return OPTConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, ffn_dim=cfg.d_ffn,
+                     num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                     max_position_embeddings=cfg.max_positions - 2, word_embed_proj_dim=cfg.d_model,
+                     do_layer_norm_before=True, activation_function="relu", dropout=0.0, attention_dropout=0.0,
+                     tie_word_embeddings=True, bos_token_id=2, eos_token_id=2, pad_token_id=1)
+
+
+def meta_model(cfg: PaperScaleConfig, dtype: str = FILE_DTYPE):
+    """The geometry's ``OPTForCausalLM`` with every weight on the meta device (no memory at all)."""
+    from transformers import OPTForCausalLM
+    with torch.device("meta"):
+        model = OPTForCausalLM(opt_config(cfg)).to(getattr(torch, dtype))
+    model._flashlib_fingerprint = hashlib.sha256(f"{weights_name(cfg)}/{dtype}".encode()).hexdigest()[:16]
+    return model.eval()
+
+
+def ffn_weight_names(cfg: PaperScaleConfig) -> list[str]:
+    """The FFN matrices of the geometry (they live in the flash files only)."""
+    return [f"model.decoder.layers.{l}.{fc}.weight" for l in range(cfg.n_layers) for fc in ("fc1", "fc2")]
+
+
+def build_model(cfg: PaperScaleConfig, dtype: str = "bfloat16", resident: bool = True, progress: bool = False):
+    """The geometry as a model in ``dtype``: FFN weights on meta (flash only); with ``resident`` every other
+    weight is loaded from the stream file (the engine's resident part), else left on meta for the
+    dense streaming path to bind."""
+    from .streaming import load_groups, read_stream_manifest
+    model = meta_model(cfg, dtype)
+    if resident:
+        path = stream_path(cfg)
+        load_groups(model, path, list(read_stream_manifest(path)["groups"]), getattr(torch, dtype), progress)
+    return model
+
+
+def synthetic_predictors(cfg: PaperScaleConfig, dtype: str = "bfloat16"):
+    """Low-rank predictors of Table 4's ranks (128; the last 4 layers 1024) with synthetic weights: under
+    the trace policy they run for their cost and their DRAM (2.35% of the model), their sets unused."""
+    from .config import MaskRule
+    from .predictor import PredictorMeta, Predictors
+    from .streaming import set_parameter
+    meta = PredictorMeta(weights_name(cfg), "opt", cfg.n_layers, cfg.d_model, cfg.d_ffn,
+                         ranks=dict(enumerate(predictor_ranks(cfg))), label_rule=MaskRule(),
+                         thresholds={l: 0.0 for l in range(cfg.n_layers)})
+    with torch.device("meta"):
+        preds = Predictors(meta)
+    for name, p in list(preds.named_parameters()):
+        values = torch.from_numpy(synthetic_values(cfg, f"predictor.{name}", tuple(p.shape)))
+        set_parameter(preds, [name], values.to(getattr(torch, dtype)))
+    return preds.eval()
+
+
+# --- traces and runners ------------------------------------------------------------------------
 
 def trace_config(cfg: PaperScaleConfig, seed: int | None = None) -> TraceConfig:
     """The paper preset of ``traces`` at this geometry and length (identical to it at full scale)."""
@@ -256,437 +369,61 @@ def trace_config(cfg: PaperScaleConfig, seed: int | None = None) -> TraceConfig:
                                n_tokens=cfg.n_tokens, seed=cfg.trace_seed if seed is None else seed)
 
 
-def matrix_rows(cfg: PaperScaleConfig, progress: bool = True) -> dict[int, np.ndarray]:
-    """Rows each layer's DRAM matrix needs for window 0 and ``window_k`` ``{k: [n_layers]}`` (Req_i).
-
-    Sized on a second trace (seed + 1, same length) plus ``capacity_margin``; a token that needs more
-    in the replay shrinks its window (``SlidingWindow.shrink_to_fit``) and is counted.
-    """
-    sizing = generate_trace(trace_config(cfg, cfg.trace_seed + 1), progress=progress).predicted
-    return {k: np.array([capacity_for_window(int(p), cfg.d_ffn, cfg.capacity_margin)
-                         for p in window_capacity(sizing, k)]) for k in sorted({0, cfg.window_k})}
-
-
-# --- resident weights and compute ---------------------------------------------------------------------
-
-def _uniform(shape, scale: float, dtype, gen: torch.Generator) -> torch.Tensor:
-    return torch.empty(shape, dtype=torch.float32).uniform_(-scale, scale, generator=gen).to(dtype)
-
-
-class ResidentCompute:
-    """Synthetic resident weights and every compute step of a token (attention, predictor, FFN, LM head).
-
-    ``x`` vectors are fp32 ``[d_model]``; matrix products run in ``cfg.dram_dtype``. Only the cost
-    matters here: the values are random (see the module docstring for what is shared).
-    """
-
-    def __init__(self, cfg: PaperScaleConfig, hybrid_resident_rows: int, seed: int = 1):
-        g = torch.Generator().manual_seed(seed)
-        self.cfg, self.dtype = cfg, getattr(torch, cfg.dram_dtype)
-        d, f, c = cfg.d_model, cfg.d_ffn, cfg.resident_copies
-        s = d ** -0.5
-        self.attn = [_uniform((4 * d, d), s, self.dtype, g) for _ in range(c)]   # rows: q | k | v | o
-        kv_len = cfg.prompt_tokens + cfg.n_tokens
-        self.kv = [_uniform((2, kv_len, d), 1.0, self.dtype, g) for _ in range(cfg.n_layers)]
-        self.pred = {r: (_uniform((r, d), s, self.dtype, g), _uniform((f, r), r ** -0.5, self.dtype, g))
-                     for r in sorted(set(predictor_ranks(cfg)))}                 # A [r, d], B [d_ffn, r]
-        self.ranks = predictor_ranks(cfg)
-        self.lm_head = _uniform((cfg.vocab_size, d), s, self.dtype, g) if cfg.lm_head else None
-        self.bias = [torch.from_numpy(ffn_bias(cfg, l)).to(self.dtype) for l in range(cfg.n_layers)]
-        n = hybrid_resident_rows
-        self.hybrid_rows = [_uniform((n, 2 * d), s, self.dtype, g) for _ in range(c)] if n else []
-        self.x0 = torch.randn(d, generator=g)                                    # the token's embedding
-        self._stage: torch.Tensor | None = None     # [d_ffn, 2 d_model] dram-dtype copy of streamed rows
-
-    def norm(self, h: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(h, h.shape).to(self.dtype)
-
-    def attention(self, layer: int, h: torch.Tensor, pos: int) -> torch.Tensor:
-        """One token's self-attention at position ``pos``: q/k/v/o projections and softmax over the KV cache."""
-        d, H = self.cfg.d_model, self.cfg.n_heads
-        w = self.attn[layer % len(self.attn)]
-        q, k, v = (w[: 3 * d] @ self.norm(h)).view(3, d)
-        kv = self.kv[layer]
-        kv[0, pos], kv[1, pos] = k, v
-        keys, vals = kv[0, : pos + 1].view(pos + 1, H, d // H), kv[1, : pos + 1].view(pos + 1, H, d // H)
-        scores = torch.einsum("nhd,hd->hn", keys, q.view(H, d // H)).float() * (d // H) ** -0.5
-        ctx = torch.einsum("hn,nhd->hd", scores.softmax(dim=-1).to(self.dtype), vals).reshape(d)
-        return (w[3 * d:] @ ctx).float()
-
-    def predictor(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        """The low-rank predictor's cost (d_model -> r -> d_ffn, sigmoid > 0.5); the replay's set comes from the trace."""
-        a, b = self.pred[self.ranks[layer]]
-        return (b @ (a @ self.norm(h))) > 0
-
-    def sparse_ffn(self, matrix: NeuronMatrix, h: torch.Tensor, active: np.ndarray) -> torch.Tensor:
-        """FFN over every resident row (paper sec 3.3), restricted to the ``active`` ids (exact zeros for ReLU)."""
-        return matrix.ffn(self.norm(h), act=torch.relu, only=active).float()
-
-    def dense_ffn(self, rows: torch.Tensor, bias: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """relu(x @ up.T + b) @ down over bundles ``rows [n, 2 d_model]`` (naive and hybrid); rows in
-        another dtype (the read buffer's fp16) are first converted into a preallocated staging matrix."""
-        d = self.cfg.d_model
-        if rows.dtype != self.dtype:
-            if self._stage is None:
-                self._stage = torch.empty(self.cfg.d_ffn, 2 * d, dtype=self.dtype)
-            rows = self._stage[: rows.shape[0]].copy_(rows)
-        x = self.norm(h)
-        return (torch.relu(rows[:, :d] @ x + bias) @ rows[:, d:]).float()
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor | None:
-        return None if self.lm_head is None else self.lm_head @ self.norm(h)
-
-
-# --- methods and the replay -----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Method:
-    """One row of Table 2: how a token gets its FFN weights."""
-
-    name: str
-    kind: str            # "dense" (naive, hybrid) or "sparse"
-    layout: str          # flash file it reads
-    k: int | None        # sparse: window (0 = none)
-    flags: tuple         # hybrid, predictor, windowing, bundling
-
-    @property
-    def warmup(self) -> int:
-        """Untimed tokens at the start of a block: the window fills up (dense methods keep no state)."""
-        return 0 if self.kind == "dense" else max(self.k, 1)
-
-
-def methods(cfg: PaperScaleConfig) -> tuple[Method, ...]:
-    """Table 2's five rows: naive, hybrid, +predictor (k=0, separate), +windowing (k, separate), +bundling."""
-    k = cfg.window_k
-    return (Method("naive", "dense", "bundled", None, (False, False, False, False)),
-            Method("hybrid", "dense", "bundled", None, (True, False, False, False)),
-            Method("predictor", "sparse", "separate", 0, (True, True, False, False)),
-            Method("windowing", "sparse", "separate", k, (True, True, True, False)),
-            Method("bundling", "sparse", "bundled", k, (True, True, True, True)))
-
-
-@dataclass
-class _Tally:
-    """One token's time split and work (seconds and counts)."""
-
-    io_s: float = 0.0
-    mem_s: float = 0.0
-    loaded: int = 0
-    evicted: int = 0
-    shrunk: int = 0
-    truncated: int = 0
-
-
-class Replayer:
-    """Drives the window, the DRAM matrices and the flash stores from a trace (one method at a time).
-
-    One ``NeuronMatrix`` per layer is allocated once, with the largest capacity any sparse method
-    needs, and emptied (``delete`` of every resident row) at the start of each block; the
-    capacity each method is allowed is its own (``capacities[k]``). One aligned read buffer of
-    ``d_ffn`` slots serves every read (both layouts have the same slot size when rows are unpadded).
-    """
-
-    def __init__(self, cfg: PaperScaleConfig, trace: Trace, capacities: dict[int, np.ndarray],
-                 files: dict[str, Path], store_config: StoreConfig = StoreConfig(), io_mode: str | None = None):
-        self.cfg, self.trace, self.capacities = cfg, trace, capacities
-        if trace.predicted.shape[1:] != (cfg.n_layers, cfg.d_ffn):
-            raise ValueError(f"trace is {trace.predicted.shape[1:]} (layers, d_ffn); the config wants "
-                             f"({cfg.n_layers}, {cfg.d_ffn})")
-        self.stores = {lay: FlashStore(files[lay], store_config, io_mode=io_mode) for lay in LAYOUTS}
-        vec = cfg.d_model * np.dtype(FILE_DTYPE).itemsize
-        if {s.slot_bytes for s in self.stores.values()} != {2 * vec} or self.stores["separate"].row_stride != vec:
-            raise ValueError("the paper-scale replay needs unpadded rows (a row_alignment that divides "
-                             f"d_model x 2 B = {vec} B); choose another flash_preset")
-        self.buf = self.stores["bundled"].new_buffer(cfg.d_ffn)
-        dt = getattr(torch, cfg.dram_dtype)
-        alloc = np.max(np.stack(list(capacities.values())), axis=0)
-        self.matrices = [NeuronMatrix(int(alloc[l]), cfg.d_model, cfg.d_ffn, ("up", "down"), ("bias",), dtype=dt)
-                         for l in range(cfg.n_layers)]
-        self.n_stream = hybrid_stream_rows(cfg)
-        self.compute = ResidentCompute(cfg, cfg.d_ffn - self.n_stream)
-        self.io_mode = self.stores["bundled"].io_mode
-
-    def close(self) -> None:
-        for s in self.stores.values():
-            s.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    # -- one block of tokens --
-    def block(self, m: Method, start: int, n_timed: int) -> list[dict]:
-        """Run ``m`` on trace tokens ``start ..`` from an empty state: warm-up, then ``n_timed`` timed tokens."""
-        for s in self.stores.values():
-            s.evict()
-        wins = None
-        if m.kind == "sparse":
-            wins = [SlidingWindow(self.cfg.d_ffn, m.k) for _ in range(self.cfg.n_layers)]
-            for mat in self.matrices:
-                mat.delete(mat.resident_ids())
-        rows = []
-        for i in range(m.warmup + n_timed):
-            t, timed = start + i, i >= m.warmup
-            row = self._sparse_token(m, wins, t, timed) if wins else self._dense_token(m, t)
-            if timed:
-                rows.append({"method": m.name, "token": t, **row})
-        return rows
-
-    def _io_totals(self) -> np.ndarray:
-        c = [s.counters for s in self.stores.values()]
-        return np.array([sum(x.reads for x in c), sum(x.bytes_read for x in c), sum(x.neurons for x in c),
-                         sum(x.io_seconds for x in c)], dtype=np.float64)
-
-    def _row(self, t0: float, cpu0: float, io0: np.ndarray, tally: _Tally, sparse: bool) -> dict:
-        total = time.perf_counter() - t0
-        reads, nbytes, neurons, pool_s = self._io_totals() - io0
-        return {"io_ms": 1e3 * tally.io_s, "io_pool_ms": 1e3 * pool_s, "mem_ms": 1e3 * tally.mem_s,
-                "compute_ms": 1e3 * (total - tally.io_s - tally.mem_s), "total_ms": 1e3 * total,
-                "cpu_ms": 1e3 * (time.process_time() - cpu0), "load1": os.getloadavg()[0],
-                "bytes_read": int(nbytes), "reads": int(reads), "neurons_read": int(neurons),
-                "neurons_loaded": tally.loaded, "neurons_evicted": tally.evicted, "shrunk": tally.shrunk,
-                "truncated": tally.truncated,
-                "rows_resident": sum(mat.num_used for mat in self.matrices) if sparse else 0}
-
-    def _read(self, store: FlashStore, layer: int, ids: np.ndarray, tally: _Tally) -> None:
-        t = time.perf_counter()
-        store.read(layer, ids, self.buf)
-        tally.io_s += time.perf_counter() - t
-
-    def _sparse_token(self, m: Method, wins: list, t: int, timed: bool) -> dict:
-        """Per layer: attention, predictor | window | read | update (evict + load) | sparse FFN; then the LM head."""
-        cfg, comp, store = self.cfg, self.compute, self.stores[m.layout]
-        tally, io0, cpu0, t0 = _Tally(), self._io_totals(), time.process_time(), time.perf_counter()
-        h = comp.x0.clone()
-        for l in range(cfg.n_layers):
-            if timed:
-                h = h + comp.attention(l, h, cfg.prompt_tokens + t)
-                comp.predictor(l, h)
-            tm = time.perf_counter()
-            active = np.flatnonzero(self.trace.predicted[t, l])              # [n_active] predicted ids
-            cap = int(self.capacities[m.k][l])
-            if active.size > cap:                                            # the token alone overflows
-                active, tally.truncated = active[:cap], tally.truncated + 1
-            win, mat = wins[l], self.matrices[l]
-            step = win.update(active)
-            gone = step.evict
-            if step.n_resident > cap:
-                gone = np.union1d(gone, win.shrink_to_fit(cap))     # sorted: the compiled update takes it
-                tally.shrunk += 1
-            tally.mem_s += time.perf_counter() - tm
-            self._read(store, l, step.load, tally)
-            tm = time.perf_counter()
-            ids = torch.from_numpy(step.load)            # evict + load in one pass, as the engine does
-            mat.update(gone, step.load, self.buf.bundles(step.load.size, torch=True), {"bias": comp.bias[l][ids]})
-            tally.mem_s += time.perf_counter() - tm
-            tally.loaded += step.load.size
-            tally.evicted += gone.size
-            if timed:
-                h = h + comp.sparse_ffn(mat, h, active)
-        if timed:
-            comp.logits(h)
-        return self._row(t0, cpu0, io0, tally, sparse=True)
-
-    def _dense_token(self, m: Method, t: int) -> dict:
-        """Naive: read the layer's non-FFN (stand-in) bytes and its whole FFN; hybrid: stream n_stream neurons."""
-        cfg, comp = self.cfg, self.compute
-        bundled = self.stores["bundled"]
-        tally, io0, cpu0, t0 = _Tally(), self._io_totals(), time.process_time(), time.perf_counter()
-        n = cfg.d_ffn if m.name == "naive" else self.n_stream
-        ids = np.arange(n)
-        h = comp.x0.clone()
-        for l in range(cfg.n_layers):
-            if m.name == "naive":
-                self._read_standin(bundled, l, tally)
-            h = h + comp.attention(l, h, cfg.prompt_tokens + t)
-            self._read(bundled, l, ids, tally)
-            rows = self.buf.bundles(n, torch=True)
-            h = h + comp.dense_ffn(rows, comp.bias[l][:n], h)
-            if n < cfg.d_ffn:                                                 # hybrid: the resident neurons
-                h = h + comp.dense_ffn(comp.hybrid_rows[l % len(comp.hybrid_rows)], comp.bias[l][n:], h)
-            tally.loaded += n
-        comp.logits(h)
-        return self._row(t0, cpu0, io0, tally, sparse=False)
-
-    def _read_standin(self, store: FlashStore, layer: int, tally: _Tally) -> None:
-        """Read ``nonffn_rows`` bundle-sized rows, in 1 MiB reads, from the layer half the model away (wrapping).
-
-        Half the model away, the region was last read ~16 layers (6 GB) earlier. The bundled file
-        is used because its dense reads cost no planning (one buffer per 1 MiB read; the separate
-        layout scatters each read into 2 x 64 row views, which costs Python time)."""
-        left, l = nonffn_rows(self.cfg), layer + self.cfg.n_layers // 2
-        while left > 0:
-            n = min(left, self.cfg.d_ffn)
-            self._read(store, l % self.cfg.n_layers, np.arange(n), tally)
-            left, l = left - n, l + 1
-
-
-@dataclass
-class ReplayResult:
-    raw: pd.DataFrame          # one row per timed token: method | round | order | token | io_ms | ... (Replayer._row)
-    info: pd.DataFrame         # one row per method: layout | k | flags | capacity rows | DRAM bytes
-    probe: pd.DataFrame        # same-run throughput: round | chunk_bytes | threads | throughput_mbps
-    meta: dict = field(default_factory=dict)   # io_mode, wall_s, peak_rss_bytes, page cache after
-
-
-def probe_chunks(cfg: PaperScaleConfig, store_config: StoreConfig = StoreConfig()) -> tuple[int, ...]:
-    """Read sizes the replay issues: one vector (separate), one bundle, one coalesced dense read."""
-    return (bundle_bytes(cfg) // 2, bundle_bytes(cfg), store_config.max_read_bytes)
-
-
-def probe_throughput(path: Path, chunks, threads: int, seconds: float, seed: int = 0) -> list[dict]:
-    """Steady random-read throughput of ``path`` now (``iobench.run_ours``: the store's ReadPool)."""
-    from .iobench import run_ours
-    return [run_ours(path, c, threads, seconds, seed=seed) for c in chunks]
-
-
-def run_profile(probe: pd.DataFrame) -> costmodel.DeviceProfile:
-    """A device profile from the same-run probe (median per chunk size), for the drift-free computed column."""
-    threads = int(probe["threads"].iloc[0])
-    med = probe.groupby("chunk_bytes")["throughput_mbps"].median().sort_index()
-    pts = tuple((int(c), float(v) * 1e6) for c, v in med.items())
-    return costmodel.DeviceProfile("this machine, probed during the replay", {threads: pts}, pts[-1][1] / 1e9,
-                                   note=f"{len(probe)} probes of the bundled flash file, {threads} threads")
-
-
-def block_schedule(cfg: PaperScaleConfig, ms: tuple[Method, ...]) -> list[tuple[int, int, Method, int, int]]:
-    """(round, order, method, first token, timed tokens) of every block; round r rotates the order by r."""
-    span = max(m.warmup + (cfg.sparse_tokens if m.kind == "sparse" else cfg.dense_tokens) for m in ms)
-    if cfg.rounds * span > cfg.n_tokens:
-        raise ValueError(f"{cfg.rounds} rounds x {span} tokens per block need a trace of {cfg.rounds * span} "
-                         f"tokens, the config has n_tokens={cfg.n_tokens}")
-    out = []
-    for r in range(cfg.rounds):
-        for i in range(len(ms)):
-            m = ms[(i + r) % len(ms)]
-            out.append((r, i, m, r * span, cfg.sparse_tokens if m.kind == "sparse" else cfg.dense_tokens))
-    return out
-
-
-def replay(cfg: PaperScaleConfig, trace: Trace, capacities: dict[int, np.ndarray], files: dict[str, Path],
-           ms: tuple[Method, ...] | None = None, progress: bool = True, io_mode: str | None = None) -> ReplayResult:
-    """Every method, block by block in rotated rounds (``block_schedule``), one process, one trace."""
-    ms = ms or methods(cfg)
-    schedule = block_schedule(cfg, ms)
-    store_config = StoreConfig()
-    t0 = time.perf_counter()
-    rows, probes = [], []
-    with torch.inference_mode(), torch_threads(cfg.threads), \
-            Replayer(cfg, trace, capacities, files, store_config, io_mode=io_mode) as rep:
-        for r, order, m, start, n in tqdm(schedule, desc="paper-scale replay", disable=not progress):
-            if order == 0 and cfg.probe_seconds > 0:        # each round starts with a throughput probe
-                probes += [{"round": r, **p} for p in probe_throughput(
-                    files["bundled"], probe_chunks(cfg, store_config), store_config.n_threads,
-                    cfg.probe_seconds, seed=r)]
-            rows += [{"round": r, "order": order, **row} for row in rep.block(m, start, n)]
-        after = {lay: s.resident_fraction() for lay, s in rep.stores.items()}
-        io_mode_used = rep.io_mode
-        mats_gb = sum(mat.bytes_capacity for mat in rep.matrices) / 1e9
-    meta = {"io_mode": io_mode_used, "wall_s": time.perf_counter() - t0, "page_cache_after": after,
-            "peak_rss_bytes": peak_rss_bytes(), "matrices_allocated_gb": mats_gb}
-    return ReplayResult(pd.DataFrame(rows), method_info(cfg, ms, capacities), pd.DataFrame(probes), meta)
-
-
-def method_info(cfg: PaperScaleConfig, ms, capacities: dict[int, np.ndarray]) -> pd.DataFrame:
-    """Per method: layout, k, Table 2 flags and DRAM bytes at 16 bit, Table 2's accounting (DramBudget:
-    the resident part + the reserved matrices; the replay's fp32 copies hold twice the matrix bytes)."""
-    parts, total = model_parts(cfg), sum(model_parts(cfg).values())
-    row_bytes = bundle_bytes(cfg) + np.dtype(FILE_DTYPE).itemsize      # bundle + bias, 16 bit like Table 2
-    rows = []
-    for m in ms:
-        resident, reserved = 0, 0
-        if m.name == "hybrid":
-            resident = reserved = total - cfg.n_layers * hybrid_stream_rows(cfg) * bundle_bytes(cfg)
-        elif m.kind == "sparse":
-            budget = DramBudget(total)
-            for name, nbytes in parts.items():
-                if name != "ffn":
-                    budget.add_resident(name, nbytes)
-            budget.add_resident("predictors", predictor_bytes(cfg))
-            budget.reserve_matrices(capacities[m.k], row_bytes)
-            resident, reserved = budget.resident_bytes, budget.used_bytes
-        rows.append({"method": m.name, "layout": m.layout, "k": m.k,
-                     **dict(zip(("hybrid", "predictor", "windowing", "bundling"), m.flags)),
-                     "resident_bytes": resident, "reserved_bytes": reserved, "row_bytes": row_bytes,
-                     "capacity_rows": int(np.sum(capacities[m.k])) if m.kind == "sparse" else 0,
-                     "model_bytes": total})
-    return pd.DataFrame(rows)
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory (Linux ru_maxrss is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-# --- tables: Table 2, Table 3, Fig 1 ---------------------------------------------------------------
-
-def breakdown(result: ReplayResult) -> pd.DataFrame:
-    """Per method: medians (and mean, std) per token of io/mem/compute/total ms, bytes, reads, neurons.
-
-    ``cpu_share``: process CPU time (all threads) / wall time; ``load1``: the machine's 1-minute load
-    average during the method's tokens (2 cores: a load of 20 leaves each process a fraction of one).
-    """
-    d = result.raw
-    g = d.groupby("method", sort=False)
-    cols = ("io_ms", "io_pool_ms", "mem_ms", "compute_ms", "total_ms")
-    out = pd.DataFrame({**{f"{c}_median": g[c].median() for c in cols},
-                        **{f"{c}_mean": g[c].mean() for c in cols},
-                        **{f"{c}_std": g[c].std() for c in cols},
-                        "cpu_share": g["cpu_ms"].sum() / g["total_ms"].sum(), "load1": g["load1"].median(),
-                        "bytes_per_token": g["bytes_read"].mean(), "reads_per_token": g["reads"].mean(),
-                        "neurons_per_token": g["neurons_loaded"].mean(), "rows_resident": g["rows_resident"].mean(),
-                        "tokens": g.size(), "shrunk": g["shrunk"].sum(), "truncated": g["truncated"].sum()}
-                       ).reset_index()
-    out = out.merge(result.info, on="method")
-    out["chunk_bytes"] = out["bytes_per_token"] / out["reads_per_token"]
-    out["throughput_gbps"] = out["bytes_per_token"] / (out["io_ms_median"] * 1e6)
-    # Table 2's DRAM: what stays resident between tokens (k = 0 keeps nothing; its rows are transient)
-    windowed = out["k"].fillna(0) > 0
-    out["dram_bytes"] = np.where(windowed, out["resident_bytes"] + out["rows_resident"] * out["row_bytes"],
-                                 out["resident_bytes"])
-    order = {m: i for i, m in enumerate(METHOD_NAMES)}
-    return out.sort_values("method", key=lambda s: s.map(order)).reset_index(drop=True)
-
-
-def drift(probe: pd.DataFrame, profile: costmodel.DeviceProfile | None = None) -> pd.DataFrame:
-    """Throughput now (the replay's probes) beside the throughput table's: chunk_kib | table_mbps | probe_mbps | ratio."""
-    profile = profile or costmodel.measured_profile()
-    g = probe.groupby(["chunk_bytes", "threads"])["throughput_mbps"].median().reset_index()
-    g["table_mbps"] = [1e3 * profile.throughput_gbps(c, t) for c, t in zip(g["chunk_bytes"], g["threads"])]
-    return pd.DataFrame({"chunk_kib": g["chunk_bytes"] / 1024, "threads": g["threads"], "table_mbps": g["table_mbps"],
-                         "probe_mbps": g["throughput_mbps"], "probe_over_table": g["throughput_mbps"] / g["table_mbps"]})
-
-
-def table2(summary: pd.DataFrame, profile: costmodel.DeviceProfile | None = None,
-           now: costmodel.DeviceProfile | None = None, threads: int = costmodel.COSTMODEL.threads) -> pd.DataFrame:
-    """Table 2 measured on this disk beside the cost model for the same reads and the paper's row.
-
-    ``io_ms_computed``: the replay's bytes per token / the profile's throughput at the replay's mean
-    read size (1 MiB for the dense rows, ~8 or ~16 KiB for the sparse ones) and ``threads``;
-    ``profile`` defaults to the throughput benchmark's table (figures/02_flash_throughput.csv).
-    ``io_ms_computed_now``: the same with ``now`` (``run_profile`` of the replay's own probes).
-    """
-    profile = profile or costmodel.measured_profile()
-    ref = pd.DataFrame(paper.TABLE2_ROWS, columns=paper.TABLE2_COLUMNS)
-    rows = []
-    for _, s in summary.iterrows():
-        i = METHOD_NAMES.index(s["method"])                          # the paper's row of this method
-        comp = profile.io_ms(s["bytes_per_token"], s["chunk_bytes"], threads)
-        rows.append({"method": s["method"], "hybrid": s["hybrid"], "predictor": s["predictor"],
-                     "windowing": s["windowing"], "bundling": s["bundling"],
-                     "dram_gb": s["dram_bytes"] / 1e9, "flash_to_dram_gb": s["bytes_per_token"] / 1e9,
-                     "chunk_kib": s["chunk_bytes"] / 1024, "throughput_gbps": s["throughput_gbps"],
-                     "io_ms": s["io_ms_median"], "io_pool_ms": s["io_pool_ms_median"],
-                     "io_ms_computed": comp, "computed_over_measured": comp / s["io_ms_median"],
-                     "io_ms_computed_now": (now.io_ms(s["bytes_per_token"], s["chunk_bytes"], threads)
-                                            if now is not None else np.nan),
-                     "tokens": s["tokens"], "paper_dram_gb": ref.loc[i, "dram_gb"],
-                     "paper_flash_gb": ref.loc[i, "flash_to_dram_gb"],
-                     "paper_gbps": ref.loc[i, "throughput_gbps"], "paper_io_ms": ref.loc[i, "io_ms"]})
-    return pd.DataFrame(rows)
-
+def traces(cfg: PaperScaleConfig) -> tuple[Trace, Trace]:
+    """(the run's trace, the sizing trace: another draw, seed + 1)."""
+    return (generate_trace(trace_config(cfg), progress=False),
+            generate_trace(trace_config(cfg, cfg.trace_seed + 1), progress=False))
+
+
+def span(cfg: PaperScaleConfig, method: str) -> int:
+    """Trace tokens one generate call uses: prompt + new tokens."""
+    return cfg.prompt_tokens + (cfg.dense_new_tokens if method in DENSE_METHODS else cfg.new_tokens)
+
+
+def engine_config(method: str, cfg: PaperScaleConfig, dtype: str) -> EngineConfig:
+    """The engine setting of one sparse Table 2 row at paper scale (policy "trace", fp16 flash file)."""
+    k = 0 if method == "predictor" else cfg.window_k
+    return dataclasses.replace(
+        ENGINE, policy="trace", layout="bundled" if method == "bundling" else "separate",
+        dram_budget=cfg.dram_fraction, window_k=k, max_window_k=max(1, cfg.window_k), capacity=cfg.capacity,
+        capacity_margin=cfg.capacity_margin, read_buffer_rows=cfg.read_buffer_rows, flash_dtype=FILE_DTYPE,
+        compute_dtype=dtype, flash_preset=cfg.flash_preset, verify=False, io_threads=cfg.io_threads)
+
+
+def build_runner(method: str, cfg: PaperScaleConfig, dtype: str = "bfloat16", *, trace_start: int = 0,
+                 progress: bool = False):
+    """One method at paper scale: "naive" | "hybrid" | "pagecache" (dense streaming, direct or mmap, at
+    half the model in DRAM for hybrid and, through its cgroup limit, the page cache) or "predictor" |
+    "windowing" | "bundling" (the engine, trace policy; the trace from token ``trace_start`` on)."""
+    from .engine import SparseEngine
+    from .streaming import StreamingBaseline, WeightFiles
+    files = flash_paths(cfg)
+    name = f"paper:{weights_name(cfg)}"
+    if method in DENSE_METHODS:
+        model = build_model(cfg, dtype, resident=False)
+        return StreamingBaseline(model, name, cfg.dram_fraction if method == "hybrid" else 0.0,
+                                 source="mmap" if method == "pagecache" else "direct",
+                                 files=WeightFiles(files["bundled"], stream_path(cfg)),
+                                 store_config=StoreConfig(n_threads=cfg.io_threads),
+                                 chunk_bytes=cfg.stream_chunk_bytes, progress=progress)
+    if method not in METHOD_NAMES:
+        raise ValueError(f"paper-scale method must be one of {METHOD_NAMES + ('pagecache',)}, got {method!r}")
+    run, sizing = traces(cfg)
+    n = span(cfg, method)
+    if trace_start + n > run.predicted.shape[0]:
+        raise ValueError(f"trace tokens {trace_start}..{trace_start + n} are past the trace's {cfg.n_tokens}")
+    ecfg = engine_config(method, cfg, dtype)
+    return SparseEngine(build_model(cfg, dtype, resident=True, progress=progress), name, ecfg,
+                        predictors=synthetic_predictors(cfg, dtype), flash_path=files[ecfg.layout],
+                        trace=run.predicted[trace_start:trace_start + n].copy(), sizing_trace=sizing.predicted)
+
+
+def prompt_ids(cfg: PaperScaleConfig, rep: int) -> list[int]:
+    """A prompt of random token ids (seeded per repeat): the weights are random, so is the text."""
+    return np.random.default_rng([cfg.weight_seed, rep]).integers(3, cfg.vocab_size, cfg.prompt_tokens).tolist()
+
+
+# --- the cost model and the disk ---------------------------------------------------------------
 
 def activation_stats(trace: Trace, k: int) -> costmodel.ActivationStats:
     """Predicted share, new share per token and window share of the trace's predicted sets (App. C.1's 10%, 2.4%, 24%)."""
@@ -697,74 +434,14 @@ def table2_costmodel(cfg: PaperScaleConfig, trace: Trace, profile: costmodel.Dev
     """Table 2 computed by ``costmodel.table2`` for this geometry, the trace's statistics and a device."""
     df = costmodel.table2(model_bytes(cfg), activation_stats(trace, cfg.window_k),
                           profile or costmodel.measured_profile())
-    df.insert(0, "method", [m.name for m in methods(cfg)])
+    df.insert(0, "method", list(METHOD_NAMES))
     return df
 
 
-def table3(summary: pd.DataFrame) -> pd.DataFrame:
-    """Table 3's CPU rows for OPT 6.7B beside ours (median ms per token): method | source | io | mem | compute | total."""
-    label = {"naive": "Naive", "hybrid": "Hybrid", "predictor": "+predictor", "windowing": "+windowing",
-             "bundling": "All"}
-    rows = [{"method": label[s["method"]], "source": "ours (this machine, synthetic OPT 6.7B geometry)",
-             **{c: s[f"{c}_median"] for c in ("io_ms", "mem_ms", "compute_ms", "total_ms")}}
-            for _, s in summary.iterrows()]
-    rows += [{"method": r[1], "source": "paper (M1 Max CPU)",
-              **dict(zip(("io_ms", "mem_ms", "compute_ms", "total_ms"), r[3:]))}
-             for r in paper.TABLE3_ROWS if r[0] == "OPT 6.7B" and r[2] == "CPU"]
-    return pd.DataFrame(rows)
-
-
-def fig1_frame(summary: pd.DataFrame) -> pd.DataFrame:
-    """Fig 1's bars: source | method | io_ms | mem_ms | compute_ms (naive and all techniques, paper and ours)."""
-    t3 = table3(summary)
-    keep = t3[t3["method"].isin(["Naive", "All"])].copy()
-    keep["source"] = np.where(keep["source"].str.startswith("paper"), "paper (M1 Max CPU)", "ours (this machine)")
-    return keep[["source", "method", "io_ms", "mem_ms", "compute_ms"]].reset_index(drop=True)
-
-
-def plot_fig1(frame: pd.DataFrame):
-    """Stacked bars of per-token latency (I/O, memory management, compute), one panel per source (Fig 1 style)."""
-    import matplotlib.pyplot as plt
-    colors = {"io_ms": "#1f77b4", "mem_ms": "#ff7f0e", "compute_ms": "#2ca02c"}
-    names = {"io_ms": "flash I/O", "mem_ms": "memory management", "compute_ms": "compute"}
-    sources = sorted(dict.fromkeys(frame["source"]), key=lambda x: not x.startswith("paper"))
-    fig, axes = plt.subplots(1, len(sources), figsize=(4.2 * len(sources) + 1.6, 4.0), squeeze=False)
-    for ax, src in zip(axes[0], sources):
-        d = frame[frame["source"] == src].reset_index(drop=True)
-        bottom = np.zeros(len(d))
-        for c in ("io_ms", "mem_ms", "compute_ms"):
-            ax.bar(d["method"], d[c], bottom=bottom, color=colors[c], label=names[c], width=0.6)
-            bottom += d[c].to_numpy()
-        for x, tot in enumerate(bottom):
-            ax.text(x, tot, f"{tot:,.0f} ms", ha="center", va="bottom", fontsize=8)
-        ax.set_title(src, fontsize=10)
-        ax.set_ylabel("latency per token (ms)")
-        ax.margins(y=0.12)
-    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    fig.suptitle("OPT 6.7B, half the model in DRAM: naive vs all techniques (paper Fig 1 style)", fontsize=10)
-    return fig
-
-
-def acceptance(t2: pd.DataFrame) -> pd.DataFrame:
-    """The issue's checks: check | target | ours | paper | ok."""
-    s = t2.set_index("method")
-    io = s["io_ms"]
-    rows = [("I/O naive / all techniques", ">= 20x", io["naive"] / io["bundling"], 2196 / 87),
-            ("I/O +windowing / +bundling (bundling alone)", ">= 1.4x", io["windowing"] / io["bundling"], 164 / 87)]
-    out = [{"check": c, "target": t, "ours": v, "paper": p, "ok": v >= float(t.strip(">= x"))} for c, t, v, p in rows]
-    for col, what in (("io_ms_computed", "throughput table 02"), ("io_ms_computed_now", "same-run probe")):
-        for m, r in s.iterrows():
-            if np.isfinite(r[col]):
-                ratio = r[col] / r["io_ms"]
-                out.append({"check": f"computed ({what}) / measured I/O, {m}", "target": "0.75 .. 1.25",
-                            "ours": ratio, "paper": np.nan, "ok": bool(0.75 <= ratio <= 1.25)})
-    return pd.DataFrame(out)
-
-
 def disk_report(cfg: PaperScaleConfig, smoke: bool | None = None) -> dict:
-    """Bytes of the flash files on disk and the file system's free space now."""
-    files = flash_paths(cfg, smoke)
-    on_disk = sum(p.stat().st_size for p in files.values() if p.exists())
+    """Bytes of the weight files (both flash layouts and the stream file) on disk and the free space now."""
+    files = [*flash_paths(cfg, smoke).values(), stream_path(cfg, smoke)]
+    on_disk = sum(p.stat().st_size for p in files if p.exists())
     usage = shutil.disk_usage(flash_folder(cfg, smoke))
     return {"flash_files_gb": on_disk / 1e9, "disk_free_gb": usage.free / 1e9, "disk_total_gb": usage.total / 1e9}
 
@@ -784,16 +461,16 @@ def measured_trace(model_name: str = "relu-opt", max_tokens: int = 4096, seq_len
     """True and predicted masks of a real model on held-out text: ``{"active", "predicted"}: [n_seq, T, L, d_ffn]``.
 
     Masks come from ``predictor.layer_labels`` (the model's own ReLU zeros) and its cached low-rank
-    predictors (``experiments.predictors_for``, trained once if missing), on sequences of
+    predictors (``bench.predictors_for``, trained once if missing), on sequences of
     ``seq_len`` tokens from the test split of every corpus domain.
     """
-    from . import experiments, predictor, sparsity
+    from . import bench, predictor, sparsity
     from .config import CORPUS
     from .models import ffn_adapter, load_model
     model, tok = load_model(model_name, progress=False)
     adapter = ffn_adapter(model)
     seq_len = min(seq_len, getattr(model.config, "max_position_embeddings", seq_len))
-    preds = experiments.predictors_for(model_name, model, tok, progress=progress)
+    preds = bench.predictors_for(model_name, model, tok, progress=progress)
     per = max(seq_len, max_tokens // len(CORPUS.domains))
     batches = [b for bs in sparsity.domain_batches(tok, CORPUS.domains, "test", seq_len, 1, per).values()
                for b in bs]
@@ -856,36 +533,212 @@ def compare_traces(trace: Trace, measured: dict[str, np.ndarray], k: int,
             "curve": pd.DataFrame(out_curve), "per_layer": pd.DataFrame(out_layer)}
 
 
-# --- the closing table ----------------------------------------------------------------------------------
 
-def paper_vs_ours_rows(t2: pd.DataFrame, t3: pd.DataFrame, cfg: PaperScaleConfig, meta: dict,
+
+# --- notebook 09: every method side by side, each in its memory-limited worker ------------------------
+
+def variants(cfg: PaperScaleConfig) -> dict[str, tuple[str, str]]:
+    """Worker name -> (method, compute dtype): Table 2's five rows and the page cache in bf16, plus naive
+    and All in fp32 (the paper's CPU precision) for Table 3."""
+    first = cfg.dtypes[0]
+    out = {m: (m, first) for m in METHOD_NAMES}
+    out["pagecache"] = ("pagecache", first)
+    for dt in cfg.dtypes[1:]:
+        out.update({f"naive-{_tag(dt)}": ("naive", dt), f"bundling-{_tag(dt)}": ("bundling", dt)})
+    return out
+
+
+def _tag(dtype: str) -> str:
+    return {"float32": "fp32", "bfloat16": "bf16"}.get(dtype, dtype)
+
+
+def probe_chunks(cfg: PaperScaleConfig, store_config: StoreConfig = StoreConfig()) -> tuple[int, ...]:
+    """Read sizes the methods issue: one vector (separate), one bundle, one coalesced dense read."""
+    return (bundle_bytes(cfg) // 2, bundle_bytes(cfg), store_config.max_read_bytes)
+
+
+def probe(cfg: PaperScaleConfig, rep: int) -> list[dict]:
+    """Steady random-read throughput of the bundled file now (``iobench.run_ours``: the store's ReadPool)."""
+    from .iobench import run_ours
+    path = flash_paths(cfg)["bundled"]
+    return [run_ours(path, c, cfg.io_threads, cfg.probe_seconds, seed=rep) for c in probe_chunks(cfg)]
+
+
+def run_profile(probe_rows: pd.DataFrame) -> costmodel.DeviceProfile:
+    """A device profile from the same-run probe (median per chunk size), for the drift-free computed column."""
+    threads = int(probe_rows["threads"].iloc[0])
+    med = probe_rows.groupby("chunk_bytes")["throughput_mbps"].median().sort_index()
+    pts = tuple((int(c), float(v) * 1e6) for c, v in med.items())
+    return costmodel.DeviceProfile("this machine, probed during the run", {threads: pts}, pts[-1][1] / 1e9,
+                                   note=f"{len(probe_rows)} probes of the bundled flash file, {threads} threads")
+
+
+def plan(cfg: PaperScaleConfig, progress: bool = True):
+    """The workers' plan for notebook 09 (``workers.side_by_side``): one spec per variant, budgets of half
+    the model in each dtype's bytes (naive: 0, its staging only), the page cache's mapped files, per
+    repeat its own trace segment and random prompt, a throughput probe at the start of each repeat."""
+    from .workers import Plan, Spec
+    geometry = dataclasses.asdict(cfg)
+    specs, budgets, mapped = {}, {}, {}
+    for name, (method, dt) in variants(cfg).items():
+        new = span(cfg, method) - cfg.prompt_tokens
+        specs[name] = Spec(method, model="paper", new_tokens=new, threads=cfg.threads, io_threads=cfg.io_threads,
+                           dtype=dt, geometry=geometry)
+        model_b = sum(model_parts(cfg, np.dtype(dt).itemsize if dt != "bfloat16" else 2).values())
+        budgets[name] = 0 if method == "naive" else int(cfg.dram_fraction * model_b)
+        mapped[name] = [flash_paths(cfg)["bundled"], stream_path(cfg)] if method == "pagecache" else []
+    stride = max(span(cfg, m) for m, _ in variants(cfg).values())
+    if cfg.rounds * stride > cfg.n_tokens:
+        raise ValueError(f"{cfg.rounds} rounds x {stride} tokens need a trace of {cfg.rounds * stride} tokens, "
+                         f"the config has n_tokens={cfg.n_tokens}")
+    p = Plan(specs, budgets, mapped, [prompt_ids(cfg, r) for r in range(cfg.rounds)], cfg.rounds,
+             overhead_repeats=1, timeout_s=1800.0, limited_timeout_s=1800.0, poll_seconds=0.25,
+             trace_starts={r: r * stride for r in range(cfg.rounds)},
+             meta={"model": "OPT 6.7B geometry (synthetic weights)", "model_bytes": sum(model_parts(cfg).values()),
+                   "n_layers": cfg.n_layers, "rounds": cfg.rounds})
+    if cfg.probe_seconds > 0:
+        p.probe = lambda rep: probe(cfg, rep)
+    return p
+
+
+def summary(result, profile: costmodel.DeviceProfile | None = None) -> pd.DataFrame:
+    """Per variant: ``bench.breakdown`` of the limited runs' decode steps, the cost model's I/O for the same
+    reads (this machine's throughput table; and ``io_ms_computed_now`` from the same-run probes), and each
+    variant's memory limit, peak and failcnt."""
+    from .bench import breakdown, computed_io
+    s = breakdown(result.steps, result.info)
+    now = run_profile(result.probe) if len(result.probe) else None
+    s = computed_io(s, profile, now=now)
+    mem = result.runs.groupby("method").agg(limit_bytes=("limit_bytes", "first"), peak_bytes=("peak_bytes", "max"),
+                                            failcnt=("failcnt", "max"), oom_kills=("oom_kill", "sum"),
+                                            status=("status", lambda x: "ok" if (x == "ok").all() else "; ".join(set(x))))
+    order = {m: i for i, m in enumerate(variants_order(s["method"]))}
+    return s.merge(mem, on="method", how="left").sort_values("method", key=lambda c: c.map(order)).reset_index(drop=True)
+
+
+def variants_order(names) -> list[str]:
+    """Table order: Table 2's rows, then the page cache, then the other precisions."""
+    names = list(names)
+    return [m for m in METHOD_NAMES if m in names] + [m for m in names if m not in METHOD_NAMES]
+
+
+def drift(probe_rows: pd.DataFrame, profile: costmodel.DeviceProfile | None = None) -> pd.DataFrame:
+    """Throughput now (the run's probes) beside the throughput table's: chunk_kib | table_mbps | probe_mbps | ratio."""
+    profile = profile or costmodel.measured_profile()
+    g = probe_rows.groupby(["chunk_bytes", "threads"])["throughput_mbps"].median().reset_index()
+    g["table_mbps"] = [1e3 * profile.throughput_gbps(c, t) for c, t in zip(g["chunk_bytes"], g["threads"])]
+    return pd.DataFrame({"chunk_kib": g["chunk_bytes"] / 1024, "threads": g["threads"], "table_mbps": g["table_mbps"],
+                         "probe_mbps": g["throughput_mbps"], "probe_over_table": g["throughput_mbps"] / g["table_mbps"]})
+
+
+def fig1_frame(t3: pd.DataFrame) -> pd.DataFrame:
+    """Fig 1's bars from Table 3: source | method | io_ms | mem_ms | compute_ms (naive and All, paper and ours)."""
+    keep = t3[t3["method"].isin(["Naive", "All"])].copy()
+    keep["source"] = [("paper (M1 Max CPU, fp32)" if s.startswith("paper") else f"ours ({d})")
+                      for s, d in zip(keep["source"], keep["dtype"])]
+    return keep[["source", "method", "io_ms", "mem_ms", "compute_ms"]].reset_index(drop=True)
+
+
+def acceptance(s: pd.DataFrame, cfg: PaperScaleConfig) -> pd.DataFrame:
+    """The one-engine checks: check | target | ours | paper | ok (``s``: ``summary``)."""
+    r = s.set_index("method")
+    io, tot, mem = r["io_ms_median"], r["total_ms_median"], r["mem_ms_median"]
+    p = {row[1]: row for row in paper.TABLE3_ROWS if row[0] == "OPT 6.7B" and row[2] == "CPU"}
+    tag = _tag(cfg.dtypes[0])
+    rows = [(f"I/O naive / All ({tag})", ">= 20", io["naive"] / io["bundling"], 2196 / 87,
+             io["naive"] / io["bundling"] >= 20),
+            (f"memory management share of All ({tag})", "<= 0.10", mem["bundling"] / tot["bundling"],
+             p["All"][4] / p["All"][6], mem["bundling"] / tot["bundling"] <= 0.10),
+            (f"All total per token, {tag} (ms)", "<= 1000" if tag == "bf16" else "reported", tot["bundling"],
+             p["All"][6], tot["bundling"] <= 1000 or tag != "bf16")]
+    for m in [m for m in r.index if m.startswith("bundling-")]:
+        t = m.split("-", 1)[1]
+        rows.append((f"All total per token, {t} (ms)", "<= 1000" if t == "bf16" else "reported", tot[m],
+                     p["All"][6], tot[m] <= 1000 or t != "bf16"))
+    for m, row in r.iterrows():
+        ok = row["status"] == "ok" and row["oom_kills"] == 0
+        rows.append((f"{m}: completes under its cgroup limit (peak / limit GB)", "no OOM kill",
+                     f"{row['peak_bytes'] / 1e9:.2f} / {row['limit_bytes'] / 1e9:.2f}", np.nan, ok))
+    return pd.DataFrame(rows, columns=["check", "target", "ours", "paper", "ok"])
+
+
+def paper_vs_ours_rows(t2: pd.DataFrame, t3: pd.DataFrame, s: pd.DataFrame, cfg: PaperScaleConfig,
                        disk: dict) -> list[tuple]:
     """(quantity, paper, ours, note) rows for ``plotting.paper_vs_ours``."""
-    s = t2.set_index("method")
-    ours3 = t3[t3["source"].str.startswith("ours")].set_index("method")
+    t = t2.set_index("method")
+    r = s.set_index("method")
     mb = model_bytes(cfg)
     rows = [("model bytes (fp16)", "13.4 GB", f"{mb.total_bytes / 1e9:.2f} GB",
-             f"synthetic weights, {cfg.n_layers} layers x {cfg.d_ffn} neurons, d_model {cfg.d_model}"),
+             f"OPTForCausalLM of OPT 6.7B's configuration, synthetic weights: {cfg.n_layers} layers x "
+             f"{cfg.d_ffn} neurons, d_model {cfg.d_model}"),
             ("FFN share of the model", f"{paper.FFN_SHARE_OPT67B:.2%}", f"{mb.ffn_share:.2%}", "public OPT 6.7B config")]
     for m, label in (("naive", "naive"), ("hybrid", "hybrid"), ("predictor", "+predictor"),
                      ("windowing", "+windowing"), ("bundling", "+bundling")):
-        r = s.loc[m]
-        rows.append((f"Table 2 {label}: flash->DRAM per token", f"{r['paper_flash_gb']} GB",
-                     f"{r['flash_to_dram_gb']:.3f} GB", f"{r['chunk_kib']:.0f} KiB reads"))
-        rows.append((f"Table 2 {label}: I/O latency", f"{r['paper_io_ms']} ms ({r['paper_gbps']} GB/s)",
-                     f"{r['io_ms']:.0f} ms ({r['throughput_gbps']:.2f} GB/s)",
-                     f"measured, median of {int(r['tokens'])} tokens; cost model {r['io_ms_computed']:.0f} ms"))
-    rows += [("I/O naive / all techniques", f"{2196 / 87:.1f}x", f"{s.loc['naive', 'io_ms'] / s.loc['bundling', 'io_ms']:.1f}x",
-              "acceptance >= 20x"),
-             ("I/O gain of bundling (+windowing -> +bundling)", f"{164 / 87:.2f}x",
-              f"{s.loc['windowing', 'io_ms'] / s.loc['bundling', 'io_ms']:.2f}x", "acceptance >= 1.4x")]
-    for m in ("Naive", "All"):
-        r = ours3.loc[m]
-        p = next(x for x in paper.TABLE3_ROWS if x[:3] == ("OPT 6.7B", m, "CPU"))
-        rows.append((f"Table 3 OPT 6.7B CPU {m}: io / mem / compute / total ms", " / ".join(map(str, p[3:])),
-                     " / ".join(f"{r[c]:.0f}" for c in ("io_ms", "mem_ms", "compute_ms", "total_ms")),
-                     "paper: M1 Max fp32; ours: 1 thread on 2 shared cores, fp32, synthetic weights"))
-    rows += [("I/O mode", "F_NOCACHE / DirectIO", meta.get("io_mode", "?"), "page cache bypassed"),
-             ("peak DRAM of the replay process", "-", f"{meta.get('peak_rss_bytes', 0) / 1e9:.1f} GB", "ru_maxrss"),
-             ("flash files on disk", "-", f"{disk['flash_files_gb']:.1f} GB", "bundled + separate layouts")]
+        if m not in t.index:
+            continue
+        x = t.loc[m]
+        rows.append((f"Table 2 {label}: flash->DRAM per token", f"{x['paper_flash_gb']} GB",
+                     f"{x['flash_to_dram_mb'] / 1e3:.3f} GB", f"{x['chunk_bytes'] / 1024:.0f} KiB reads"))
+        rows.append((f"Table 2 {label}: I/O latency", f"{x['paper_io_ms']} ms ({x['paper_gbps']} GB/s)",
+                     f"{x['io_ms']:.0f} ms ({x['throughput_gbps']:.2f} GB/s)",
+                     f"measured in generate(), median of {int(x['tokens'])} tokens; cost model {x['io_ms_computed']:.0f} ms"))
+    rows.append(("I/O naive / all techniques", f"{2196 / 87:.1f}x", f"{t.loc['naive', 'io_ms'] / t.loc['bundling', 'io_ms']:.1f}x",
+                 "acceptance >= 20x"))
+    rows.append(("I/O gain of bundling (+windowing -> +bundling)", f"{164 / 87:.2f}x",
+                 f"{t.loc['windowing', 'io_ms'] / t.loc['bundling', 'io_ms']:.2f}x", "same window, bundled vs separate file"))
+    ours = t3[t3["source"] == "ours"].set_index("variant")
+    for v in [v for v in ours.index if ours.loc[v, "method"] in ("Naive", "All")]:
+        o = ours.loc[v]
+        pr = next(x for x in paper.TABLE3_ROWS if x[:3] == ("OPT 6.7B", o["method"], "CPU"))
+        rows.append((f"Table 3 OPT 6.7B CPU {o['method']} ({o['dtype']}): io / mem / compute / total ms",
+                     " / ".join(map(str, pr[3:])),
+                     " / ".join(f"{o[c]:.0f}" for c in ("io_ms", "mem_ms", "compute_ms", "total_ms")),
+                     f"paper: M1 Max fp32; ours: {cfg.threads} torch threads on 2 cores"))
+    b = r.loc["bundling"]
+    rows += [("window at half the model", f"k={paper.WINDOW_K_OPT}, 24% of the FFN resident",
+              f"k={int(b['window_k'])} shrunk to {b['window_share']:.1%} of the FFN (mean), "
+              f"{int(b['shrunk'])} shrinks", "capacity 'budget': the matrices hold what half the model leaves"),
+             ("I/O mode", "F_NOCACHE / DirectIO", str(b["io_mode"]), "page cache bypassed (the page cache row: mmap)"),
+             ("weight files on disk", "-", f"{disk['flash_files_gb']:.1f} GB", "bundled + separate layouts + stream file")]
+    if "pagecache" in r.index:
+        pc = r.loc["pagecache"]
+        rows.append(("page cache (mmap) under half the model + its own memory", "not compared",
+                     f"{pc['total_ms_median']:.0f} ms/token = {pc['total_ms_median'] / b['total_ms_median']:.1f}x All",
+                     f"limit {pc['limit_bytes'] / 1e9:.1f} GB, failcnt {pc['failcnt']}"))
     return rows
+
+
+def what_to_notice(s: pd.DataFrame, acc: pd.DataFrame, cfg: PaperScaleConfig) -> str:
+    """The closing sentences of notebook 09, computed from this run's numbers."""
+    r = s.set_index("method")
+    b, n, w = r.loc["bundling"], r.loc["naive"], r.loc["windowing"]
+    p = {row[1]: row for row in paper.TABLE3_ROWS if row[0] == "OPT 6.7B" and row[2] == "CPU"}
+    tag = _tag(cfg.dtypes[0])
+    lines = [f"* I/O per token: naive {n['io_ms_median']:.0f} ms -> all techniques {b['io_ms_median']:.0f} ms = "
+             f"{n['io_ms_median'] / b['io_ms_median']:.1f}x (paper {2196 / 87:.1f}x), reading "
+             f"{b['bytes_per_token'] / 1e6:.0f} MB instead of {n['bytes_per_token'] / 1e9:.1f} GB, in "
+             f"{b['chunk_bytes'] / 1024:.0f} KiB reads at {b['throughput_gbps']:.2f} GB/s (naive: "
+             f"{n['throughput_gbps']:.2f} GB/s).",
+             f"* Bundling: +windowing {w['io_ms_median']:.0f} ms -> +bundling {b['io_ms_median']:.0f} ms = "
+             f"{w['io_ms_median'] / b['io_ms_median']:.2f}x (paper {164 / 87:.2f}x): the same neurons in half the reads.",
+             f"* Half the model holds the resident part and {b['window_share']:.1%} of the FFN: the window of "
+             f"k={int(b['window_k'])} shrinks on every layer and token ({b['shrunk'] / max(1, b['tokens']):.0f} "
+             f"shrinks per token; the paper's k=5 window holds 24% at ~52%), so it loads "
+             f"{b['new_share_per_token']:.1%} of the FFN per token (paper 2.4%).",
+             f"* Total per token ({tag}): naive {n['total_ms_median']:.0f} ms -> All {b['total_ms_median']:.0f} ms = "
+             f"{n['total_ms_median'] / b['total_ms_median']:.2f}x (paper {p['Naive'][6]} -> {p['All'][6]} ms = "
+             f"{paper.CPU_SPEEDUP_OPT:.2f}x); compute {b['compute_ms_median']:.0f} ms of it (attention and the LM head "
+             f"read the 4.7 GB resident part every token), memory management {b['mem_ms_median']:.0f} ms = "
+             f"{b['mem_ms_median'] / b['total_ms_median']:.1%} (paper {p['All'][4] / p['All'][6]:.1%})."]
+    for m in [m for m in r.index if m.startswith("bundling-")]:
+        lines.append(f"* All in {m.split('-', 1)[1]}: {r.loc[m, 'total_ms_median']:.0f} ms per token (compute "
+                     f"{r.loc[m, 'compute_ms_median']:.0f} ms; the paper's M1 Max CPU, fp32: {p['All'][6]} ms).")
+    if "pagecache" in r.index:
+        pc = r.loc["pagecache"]
+        lines.append(f"* The page cache under the same limit takes {pc['total_ms_median']:.0f} ms per token = "
+                     f"{pc['total_ms_median'] / b['total_ms_median']:.1f}x All, reading {pc['bytes_per_token'] / 1e9:.1f} GB "
+                     f"per token through page faults: the kernel cannot keep what the next token needs.")
+    failed = acc[~acc["ok"].astype(bool)]["check"].tolist()
+    lines.append("* Every check holds." if not failed else "* Checks that do not hold in this run: " + "; ".join(failed)
+                 + " (the table above has the numbers).")
+    return "\n".join(lines)

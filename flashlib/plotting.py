@@ -91,3 +91,28 @@ def _has_tabulate() -> bool:
     except ImportError:
         return False
     return True
+
+
+def plot_breakdown(frame: pd.DataFrame, title: str):
+    """Paper Fig 1: stacked bars of per-token latency (I/O, memory management, compute), one panel per
+    source, paper first. ``frame``: source | method | io_ms | mem_ms | compute_ms."""
+    import numpy as np
+    colors = {"io_ms": "#1f77b4", "mem_ms": "#ff7f0e", "compute_ms": "#2ca02c"}
+    names = {"io_ms": "flash I/O", "mem_ms": "memory management", "compute_ms": "compute"}
+    sources = sorted(dict.fromkeys(frame["source"]), key=lambda x: not x.startswith("paper"))
+    fig, axes = plt.subplots(1, len(sources), figsize=(3.6 * len(sources) + 1.8, 4.0), squeeze=False)
+    for ax, src in zip(axes[0], sources):
+        d = frame[frame["source"] == src].reset_index(drop=True)
+        bottom = np.zeros(len(d))
+        for c in ("io_ms", "mem_ms", "compute_ms"):
+            ax.bar(d["method"], d[c], bottom=bottom, color=colors[c], label=names[c], width=0.6)
+            bottom += d[c].to_numpy()
+        for x, tot in enumerate(bottom):
+            ax.text(x, tot, f"{tot:,.1f} ms" if tot < 100 else f"{tot:,.0f} ms", ha="center", va="bottom", fontsize=8)
+        ax.set_title(src, fontsize=9)
+        ax.set_ylabel("latency per token (ms)")
+        ax.tick_params(axis="x", labelsize=8, rotation=20)
+        ax.margins(y=0.12)
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return fig

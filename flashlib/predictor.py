@@ -201,8 +201,9 @@ class Predictors(nn.Module):
         return sorted(self.meta.ranks)
 
     def logits(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """``[..., d_ffn]`` logits of one layer (float32)."""
-        return self.nets[str(layer)](x.float())
+        """``[..., d_ffn]`` logits of one layer (float32), computed in the predictors' dtype."""
+        net = self.nets[str(layer)]
+        return net(x.to(next(net.parameters()).dtype)).float()
 
     def mask(self, layer: int, x: torch.Tensor, density: float | None = None) -> torch.Tensor:
         """Predicted active neurons ``[..., d_ffn]``: logit > threshold, or per-token top-k at ``density``."""

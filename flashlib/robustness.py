@@ -37,7 +37,7 @@ def robustness_config(model_name: str, smoke: bool | None = None) -> RobustnessC
 
 
 def base_recipe(model_name: str, gated: bool, smoke: bool | None = None) -> PredictorConfig:
-    """The model's predictor recipe, the one ``experiments.predictors_for`` trains."""
+    """The model's predictor recipe, the one ``bench.predictors_for`` trains."""
     if smoke_mode() if smoke is None else smoke:
         return PREDICTOR_PRESETS["smollm2-smoke" if gated else "smoke"]
     return PREDICTOR_PRESETS.get(model_name, PREDICTOR_PRESETS["relu-opt"])

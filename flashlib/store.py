@@ -81,6 +81,11 @@ class AlignedBuffer:
         self.vector_offsets = dict(vector_offsets or {})
         self.d_model = d_model
 
+    @property
+    def address(self) -> int:
+        """Start address of the buffer (e.g. for ``cudaHostRegister``, which page-locks it)."""
+        return ctypes.addressof(ctypes.c_char.from_buffer(self._mmap))
+
     def rows(self, n: int | None = None, torch: bool = False):
         """[n, slot_bytes / itemsize] view: whole slots, padding included."""
         n = self.capacity if n is None else n

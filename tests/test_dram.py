@@ -242,3 +242,29 @@ def test_window_drives_the_matrix_within_the_sized_capacity():
         assert set(m.resident_ids().tolist()) == set(w.resident_ids().tolist())
         assert torch.equal(m.rows_of(np.flatnonzero(masks[t])), bundles[masks[t]])
     assert m.num_used <= m.capacity
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp16_rows_are_converted_as_torch_casts_while_they_are_put(dtype):
+    """Every fp16 value (zeros, subnormals, infinities, NaN included) -> bf16 / fp32 exactly as ``.to`` does."""
+    width = 256                                          # 65536 values = 256 rows of 256
+    bits = np.arange(65536, dtype=np.uint16).reshape(256, width)
+    m = NeuronMatrix(300, width // 2, 1000, ("up", "down"), dtype=dtype)
+    ids = np.arange(0, 512, 2, dtype=np.int64)
+    m.update_f16(np.zeros(0, np.int64), ids, bits)
+    want = torch.from_numpy(bits.view(np.float16)).to(dtype)
+    got = m.rows_of(ids)
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan) and torch.equal(got[~nan], want[~nan])
+    # a second update: the returning/evicted/new rows behave as update() with the cast rows
+    ref = NeuronMatrix(300, width // 2, 1000, ("up", "down"), dtype=dtype)
+    ref.update(np.zeros(0, np.int64), ids, want)
+    ev, load = ids[:50], np.arange(1, 101, 2, dtype=np.int64)
+    new = np.random.default_rng(0).integers(0, 2**16, (load.size, width)).astype(np.uint16) & np.uint16(0x7BFF)
+    m.update_f16(ev, load, new)
+    ref.update(ev, load, torch.from_numpy(new.view(np.float16)).to(dtype))
+    keys = sorted(set(ids.tolist()) - set(ev.tolist()) | set(load.tolist()))
+    a, b = m.rows_of(keys), ref.rows_of(keys)
+    assert torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(a[~torch.isnan(a)], b[~torch.isnan(b)])
+    with pytest.raises(ValueError, match="already resident"):          # the same checks as update()
+        m.update_f16(np.zeros(0, np.int64), load[:1], new[:1])

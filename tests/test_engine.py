@@ -9,6 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from flashlib import engine as eng
+from flashlib.clock import EngineError, GenerationInterrupted
 from flashlib.config import ENGINE, MaskRule
 from flashlib.dram import DramBudgetError
 from flashlib.models import ffn_adapter, load_model
@@ -134,7 +135,7 @@ def test_predictor_run_stays_within_budget_and_accounts_every_step(smoke, root):
         assert e.budget.used_bytes <= e.budget.budget_bytes
         assert s["bytes_read"].sum() == s["neurons_loaded"].sum() * e.store.slot_bytes
         assert s["reads"].sum() <= s["neurons_loaded"].sum()                  # adjacent ids coalesce
-        for st in e.layers:
+        for st in e.flash.layers:
             assert st.matrix.num_used <= st.capacity
             assert set(st.matrix.resident_ids().tolist()) == set(st.window.resident_ids().tolist())
 
@@ -142,11 +143,11 @@ def test_predictor_run_stays_within_budget_and_accounts_every_step(smoke, root):
 def test_window_is_shrunk_not_overrun_when_a_union_exceeds_the_matrix(smoke, root):
     preds = random_predictors(smoke[0], threshold=0.0)
     with build(smoke, root, predictors=preds, dram_budget=None, window_k=6, capacity_margin=0.0) as e:
-        for st in e.layers:                   # pretend the calibration saw smaller unions
+        for st in e.flash.layers:                   # pretend the calibration saw smaller unions
             st.capacity = max(1, st.capacity // 2)
         r = e.generate(smoke[2], max_new_tokens=NEW)
         assert r.stats["shrunk"].sum() + r.stats["truncated"].sum() > 0
-        assert all(st.matrix.num_used <= st.capacity for st in e.layers)
+        assert all(st.matrix.num_used <= st.capacity for st in e.flash.layers)
 
 
 def test_quantile_matrices_shrink_the_window_but_keep_oracle_output_exact(smoke, root):
@@ -201,7 +202,7 @@ def test_a_window_that_does_not_fit_is_refused(smoke, root):
 
 def test_batch_above_one_is_refused(smoke, root):
     with build(smoke, root, policy="all", dram_budget=None) as e:
-        with pytest.raises(eng.EngineError, match="batch size 1"):
+        with pytest.raises(EngineError, match="batch size 1"):
             e.generate(smoke[2].repeat(2, 1), max_new_tokens=2)
 
 
@@ -220,7 +221,7 @@ def test_a_corrupted_flash_file_fails_verification(smoke, tmp_path):
 def test_a_short_read_mid_run_stops_with_a_clear_error(smoke, tmp_path):
     e = build(smoke, tmp_path, policy="all", dram_budget=None)
     os.truncate(e.flash_path, e.store.manifest["layers"][1]["offset"] + 512)   # layer 1 cut short
-    with pytest.raises(eng.EngineError, match="short read.*no dense fallback"):
+    with pytest.raises(EngineError, match="short read.*no dense fallback"):
         e.generate(smoke[2], max_new_tokens=2)
     e.close()
 
@@ -236,7 +237,7 @@ def test_an_interrupted_run_says_so_and_the_engine_stays_usable(smoke, root, mon
         return real(*args, **kw)
 
     monkeypatch.setattr(e.store, "read", flaky)
-    with pytest.raises(eng.GenerationInterrupted, match="interrupted after"):
+    with pytest.raises(GenerationInterrupted, match="interrupted after"):
         e.generate(smoke[2], max_new_tokens=NEW)
     assert torch.equal(e.generate(smoke[2], max_new_tokens=NEW).tokens, smoke[3])   # reset, not stale
     e.close()

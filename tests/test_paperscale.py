@@ -1,4 +1,5 @@
-"""Paper-scale replay at a tiny geometry: exact bytes, DRAM contents, sparse FFN, file reuse, model bytes."""
+"""Paper scale as a real model: OPT 6.7B's geometry built on the meta device, every method through the one engine
+and the one dense streaming path, at a tiny geometry: exact bytes, DRAM contents, file reuse, model bytes."""
 import dataclasses
 
 import numpy as np
@@ -6,111 +7,101 @@ import pandas as pd
 import pytest
 import torch
 
-from flashlib import costmodel, layout, paper, paperscale as ps
+from flashlib import bench, costmodel, layout, paper, paperscale as ps
 from flashlib.config import PAPER_SCALE_PRESETS, TRACE_PRESETS
-from flashlib.traces import generate_trace
 from flashlib.window import SlidingWindow
 
 TINY = dataclasses.replace(
     PAPER_SCALE_PRESETS["smoke"], folder="tiny", n_layers=2, d_model=256, d_ffn=1024, n_heads=4,
-    vocab_size=64, max_positions=64, predictor_rank=8, predictor_rank_sensitive=32,
-    predictor_sensitive_layers=1, flash_preset="compact", n_tokens=24, rounds=2, sparse_tokens=3,
-    probe_seconds=0.0)
+    vocab_size=64, max_positions=66, predictor_rank=8, predictor_rank_sensitive=32,
+    predictor_sensitive_layers=1, flash_preset="compact", n_tokens=40, rounds=2, prompt_tokens=4, new_tokens=4,
+    probe_seconds=0.0, stream_chunk_bytes=64 << 10, dram_fraction=0.9, dtypes=("float32", "bfloat16"))
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """Flash files, a trace and matrix sizes at the tiny geometry (files in a temporary folder)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FLASHLIB_FLASH_DIR", str(tmp_path_factory.mktemp("flash")))
-        files = ps.ensure_flash_files(TINY, smoke=False, progress=False)
-        paths = ps.flash_paths(TINY, smoke=False)
-        trace = generate_trace(ps.trace_config(TINY), progress=False)
-        caps = ps.matrix_rows(TINY, progress=False)
-        yield {"files": files, "paths": paths, "trace": trace, "caps": caps}
+def files():
+    """Both flash files and the stream file at the tiny geometry (smoke mode: under build/smoke/flash)."""
+    for p in [*ps.flash_paths(TINY).values(), ps.stream_path(TINY)]:
+        p.unlink(missing_ok=True)
+    return ps.ensure_files(TINY, progress=False)
 
 
-@pytest.fixture(scope="module")
-def result(tiny):
-    return ps.replay(TINY, tiny["trace"], tiny["caps"], tiny["paths"], progress=False)
+def generate(method, dtype="float32", start=0):
+    with ps.build_runner(method, TINY, dtype, trace_start=start) as r:
+        ids = torch.tensor([ps.prompt_ids(TINY, 0)])
+        n = ps.span(TINY, method) - TINY.prompt_tokens
+        out = r.generate(ids, max_new_tokens=n, min_new_tokens=n)
+        return r, out
 
 
-def _expected_loads(trace, k: int, start: int, warmup: int, n: int) -> list[int]:
-    """Neurons a fresh window of k loads per timed token, from the trace alone."""
+def test_the_model_is_opt_on_the_meta_device_and_its_files_hold_every_weight(files):
+    model = ps.meta_model(TINY)
+    assert type(model).__name__ == "OPTForCausalLM" and all(p.is_meta for p in model.parameters())
+    assert model.lm_head.weight is model.model.decoder.embed_tokens.weight          # tied, as OPT
+    built = ps.build_model(TINY, "float32", resident=True)
+    ffn = set(ps.ffn_weight_names(TINY))
+    for name, p in built.named_parameters():
+        assert p.is_meta == (name in ffn), name                     # the FFN lives only on flash
+        if not p.is_meta:
+            want = ps.synthetic_values(TINY, name, tuple(p.shape)).astype(np.float32)
+            assert np.array_equal(p.detach().numpy(), want), name   # fp16 on disk -> fp32 exactly
+    assert built.lm_head.weight is built.model.decoder.embed_tokens.weight
+
+
+@pytest.mark.parametrize("method", ["predictor", "windowing", "bundling"])
+def test_sparse_rows_read_exactly_what_the_window_over_the_trace_asks_for(files, method):
+    r, out = generate(method, start=3)
+    run, _ = ps.traces(TINY)
+    trace = run.predicted[3:3 + ps.span(TINY, method)]
+    k = 0 if method == "predictor" else TINY.window_k
     wins = [SlidingWindow(TINY.d_ffn, k) for _ in range(TINY.n_layers)]
-    out = []
-    for i in range(warmup + n):
-        loads = sum(w.update(trace.predicted[start + i, l]).load.size for l, w in enumerate(wins))
-        if i >= warmup:
-            out.append(loads)
-    return out
+    want = []
+    for t in range(trace.shape[0] - 1):                  # every position but the last generated token's
+        want.append(sum(w.update(trace[t, l]).load.size for l, w in enumerate(wins)))
+    s = out.stats
+    got = [int(s.loc[0, "neurons_loaded"])] + s["neurons_loaded"].iloc[1:].tolist()
+    assert got == [sum(want[:TINY.prompt_tokens])] + want[TINY.prompt_tokens:]
+    slot = r.store.slot_bytes
+    assert (s["bytes_read"] == s["neurons_loaded"] * slot).all()
+    assert (s["truncated"] == 0).all() and (s["shrunk"] == 0).all()
+    if method != "bundling":                             # separate layout: an up and a down read per run
+        assert (s["reads"] % 2 == 0).all()
 
 
-def test_replay_reads_exactly_the_bytes_the_window_asks_for(tiny, result):
-    raw, bundle = result.raw, ps.bundle_bytes(TINY)
-    assert result.meta["io_mode"] == "o_direct"
-    sparse = raw[raw["method"].isin(["predictor", "windowing", "bundling"])]
-    assert (sparse["truncated"] == 0).all() and (sparse["shrunk"] == 0).all()
-    # every neuron the window loads is read once, as one bundle or as two half-size vector reads
-    assert (sparse["bytes_read"] == sparse["neurons_loaded"] * bundle).all()
-    assert (sparse["neurons_read"] == sparse["neurons_loaded"]).all()
-    sep = sparse[sparse["method"] != "bundling"]
-    assert (sep["reads"] % 2 == 0).all()                 # one up and one down read per run of ids
-    # and the loads are exactly what a window over the trace asks for (known answer)
-    ms = {m.name: m for m in ps.methods(TINY)}
-    for r, order, m, start, n in ps.block_schedule(TINY, tuple(ms.values())):
-        if m.kind != "sparse":
-            continue
-        got = raw[(raw["method"] == m.name) & (raw["round"] == r)]["neurons_loaded"].tolist()
-        assert got == _expected_loads(tiny["trace"], m.k, start, m.warmup, n), (m.name, r)
-    # k = 0 loads the whole predicted set of every layer
-    pred = raw[raw["method"] == "predictor"]
-    assert pred["neurons_loaded"].tolist() == [int(tiny["trace"].predicted[t].sum()) for t in pred["token"]]
-    # windowing and bundling read the same neurons, bundling in half as many reads (or fewer)
-    w, b = (raw[raw["method"] == m].set_index(["round", "token"]) for m in ("windowing", "bundling"))
-    assert (w["neurons_loaded"] == b["neurons_loaded"]).all() and (b["reads"] * 2 == w["reads"]).all()
-    # dense rows: the whole FFN plus the non-FFN stand-in bytes (naive), half the model (hybrid)
-    naive, hybrid = raw[raw["method"] == "naive"], raw[raw["method"] == "hybrid"]
-    assert (naive["bytes_read"] == TINY.n_layers * (TINY.d_ffn + ps.nonffn_rows(TINY)) * bundle).all()
-    assert (hybrid["bytes_read"] == TINY.n_layers * ps.hybrid_stream_rows(TINY) * bundle).all()
-    assert set(result.meta["page_cache_after"].values()) == {0.0}
+def test_the_matrices_hold_the_file_rows_converted_and_the_budget_is_half_the_model(files):
+    for dtype in ("float32", "bfloat16"):
+        r = ps.build_runner("bundling", TINY, dtype)
+        r.generate(torch.tensor([ps.prompt_ids(TINY, 0)]), max_new_tokens=2, min_new_tokens=2)
+        assert r.budget.budget_bytes == int(TINY.dram_fraction * r.model_bytes)
+        assert r.budget.used_bytes <= r.budget.budget_bytes and r.dtype == getattr(torch, dtype)
+        for l, st in enumerate(r.flash.layers):
+            ids = st.matrix.resident_ids()
+            ref = ps.ffn_layer(TINY, l)
+            want = torch.from_numpy(np.concatenate([ref["up"][ids], ref["down"][ids]], axis=1)).to(r.dtype)
+            assert ids.size and torch.equal(st.matrix.rows_of(ids), want)          # fp16 file -> compute dtype
+        r.close()
 
 
-def test_dram_matrices_hold_the_file_rows_and_the_sparse_ffn_matches_a_dense_reference(tiny):
-    ms = {m.name: m for m in ps.methods(TINY)}
-    with torch.inference_mode(), ps.Replayer(TINY, tiny["trace"], tiny["caps"], tiny["paths"]) as rep:
-        for name, start in (("bundling", 0), ("predictor", 9)):     # bundled, then separate layout
-            rep.block(ms[name], start, 2)
-            last = start + ms[name].warmup + 1
-            for l, mat in enumerate(rep.matrices):
-                ids = mat.resident_ids()
-                assert ids.size and np.array_equal(np.sort(ids), rep_resident(ms[name], tiny["trace"], start, last, l))
-                ref = ps.ffn_layer(TINY, l)
-                want = np.concatenate([ref["up"][ids], ref["down"][ids]], axis=1).astype(np.float32)
-                assert torch.equal(mat.rows_of(ids), torch.from_numpy(want))            # bit-exact fp16 -> fp32
-                assert torch.equal(mat.scalar("bias")[torch.from_numpy(mat.row_of[ids])],
-                                   torch.from_numpy(ps.ffn_bias(TINY, l).astype(np.float32)[ids]))
-                # sparse FFN over the resident rows, restricted to the token's set == dense on that set
-                active = np.flatnonzero(tiny["trace"].predicted[last, l])
-                h = torch.randn(TINY.d_model, generator=torch.Generator().manual_seed(l))
-                got = rep.compute.sparse_ffn(mat, h, active)
-                x = torch.nn.functional.layer_norm(h, h.shape)
-                up, down = (torch.from_numpy(ref[v][active].astype(np.float32)) for v in ("up", "down"))
-                b = torch.from_numpy(ps.ffn_bias(TINY, l).astype(np.float32)[active])
-                assert torch.allclose(got, torch.relu(up @ x + b) @ down, rtol=1e-4, atol=1e-5)
+def test_dense_rows_read_the_whole_model_or_what_is_not_resident_and_agree(files):
+    outs = {}
+    for m in ("naive", "hybrid", "pagecache"):
+        r, out = generate(m)
+        outs[m] = out.tokens
+        d = out.stats
+        if m == "naive":
+            total = sum(p.stat().st_size for p in (r.files.stream,)) + sum(
+                l["nbytes"] for l in layout.read_manifest(r.files.flash)["layers"])
+            assert (d["bytes_read"] == total).all() and (d["mem_ms"] == 0).all()
+        if m == "hybrid":
+            assert r.resident_groups and (d["bytes_read"] < total).all()
+    assert torch.equal(outs["naive"], outs["hybrid"]) and torch.equal(outs["naive"], outs["pagecache"])
 
 
-def rep_resident(m, trace, start: int, last: int, layer: int) -> np.ndarray:
-    """Ids a fresh window of ``m.k`` holds after tokens start..last (k = 0: the last token's set)."""
-    k = max(m.k, 1)
-    return np.flatnonzero(trace.predicted[max(start, last - k + 1): last + 1, layer].any(axis=0))
-
-
-def test_flash_files_are_reused_checked_and_rewritten(tiny, tmp_path, monkeypatch):
-    assert set(tiny["files"]["action"]) == {"written"}
+def test_flash_and_stream_files_are_reused_checked_and_rewritten(files, tmp_path, monkeypatch):
+    assert set(files["action"]) == {"written"}
     monkeypatch.setenv("FLASHLIB_FLASH_DIR", str(tmp_path))
-    first = ps.ensure_flash_files(TINY, smoke=False, progress=False)
-    again = ps.ensure_flash_files(TINY, smoke=False, progress=False)
+    first = ps.ensure_files(TINY, smoke=False, progress=False)
+    again = ps.ensure_files(TINY, smoke=False, progress=False)
     assert set(again["action"]) == {"reused"}
     path = ps.flash_paths(TINY, smoke=False)["bundled"]
     assert first.loc[0, "file_gb"] * 1e9 == path.stat().st_size == ps.file_bytes(TINY, "bundled")
@@ -121,13 +112,20 @@ def test_flash_files_are_reused_checked_and_rewritten(tiny, tmp_path, monkeypatc
         f.write(b"\x00" * 64)
     assert ps.check_flash_file(path, TINY, "bundled", "manifest") == []
     assert ps.check_flash_file(path, TINY, "bundled", "spot") != []
-    assert ps.check_flash_file(path, TINY, "bundled", "full") != []
-    redo = ps.ensure_flash_files(TINY, smoke=False, progress=False)
+    # a changed value of the last layer fails the stream file's spot check
+    sp = ps.stream_path(TINY, smoke=False)
+    with open(sp, "r+b") as f:
+        f.seek(-4096, 2)
+        f.write(b"\x7f" * 64)
+    assert ps.check_stream_file(TINY, smoke=False, verify="manifest") == []
+    assert any("differ" in p for p in ps.check_stream_file(TINY, smoke=False))
+    redo = ps.ensure_files(TINY, smoke=False, progress=False)
     assert redo.loc[0, "action"].startswith("rewritten") and redo.loc[1, "action"] == "reused"
-    assert ps.check_flash_file(path, TINY, "bundled", "full") == []
-    # another weight seed is another model: the manifest check refuses it
-    other = dataclasses.replace(TINY, weight_seed=1)
+    assert redo.loc[2, "action"].startswith("rewritten")
+    assert ps.check_flash_file(path, TINY, "bundled", "full") == [] and ps.check_stream_file(TINY, smoke=False) == []
+    other = dataclasses.replace(TINY, weight_seed=1)             # another seed is another model
     assert any("model_name" in p for p in ps.check_flash_file(path, other, "bundled", "manifest"))
+    assert any("model_name" in p for p in ps.check_stream_file(other, smoke=False, verify="manifest"))
     with pytest.raises(ValueError, match="verify"):
         ps.check_flash_file(path, TINY, "bundled", "sometimes")
 
@@ -141,13 +139,15 @@ def test_full_geometry_is_opt_6_7b():
     assert parts["attention"] / mb.total_bytes == pytest.approx(paper.ATTENTION_SHARE_OPT67B, abs=0.002)
     assert ps.bundle_bytes(cfg) == 16 * 1024 and parts["ffn"] == 32 * 16384 * 16 * 1024      # 8.6 GB per layout
     assert mb.predictor_share == pytest.approx(0.0235, abs=0.001)                             # App. B.3 "< 2.4%"
-    # hybrid streams half of the model, naive all of it, both within one row per layer
-    row = ps.bundle_bytes(cfg)
-    assert cfg.n_layers * ps.hybrid_stream_rows(cfg) * row == pytest.approx(0.5 * mb.total_bytes, abs=32 * row)
-    naive = cfg.n_layers * (cfg.d_ffn + ps.nonffn_rows(cfg)) * row
-    assert 0 <= naive - mb.total_bytes < cfg.n_layers * row
     assert ps.trace_config(cfg) == TRACE_PRESETS["paper"]                  # the calibrated preset, unchanged
     assert ps.predictor_ranks(cfg) == [128] * 28 + [1024] * 4              # Table 4
+    # the meta model has exactly these bytes (the engine counts them), and OPT 6.7B's shapes
+    model = ps.meta_model(cfg)
+    from flashlib.engine import unique_parameters
+    assert sum(p.numel() * 2 for _, p in unique_parameters(model)) == sum(parts.values())
+    assert model.config.ffn_dim == 16384 and model.config.num_hidden_layers == 32 and model.config.hidden_size == 4096
+    preds = ps.synthetic_predictors(dataclasses.replace(cfg, n_layers=2, predictor_sensitive_layers=1))
+    assert sum(p.numel() for p in preds.parameters()) == 4096 * 128 + 128 * 16384 + 16384 + 4096 * 1024 + 1024 * 16384 + 16384
 
 
 def test_synthetic_weights_are_deterministic_and_scaled():
@@ -156,43 +156,59 @@ def test_synthetic_weights_are_deterministic_and_scaled():
     assert np.array_equal(a["up"], b["up"]) and not np.array_equal(a["up"], ps.ffn_layer(TINY, 0)["up"])
     mag = np.abs(a["down"].astype(np.float32))
     assert mag.min() >= 2.0 ** -5 and mag.max() < 2.0 ** -4            # d_model 256: |w| in [1/32, 1/16)
-    assert abs(a["down"].astype(np.float32).mean()) < 1e-3
+    q = ps.synthetic_values(TINY, "model.decoder.layers.0.self_attn.q_proj.weight", (TINY.d_model, TINY.d_model))
+    k = ps.synthetic_values(TINY, "model.decoder.layers.0.self_attn.k_proj.weight", (TINY.d_model, TINY.d_model))
+    assert q.dtype == np.float16 and not np.array_equal(q, k)
+    assert np.abs(q.astype(np.float32)).min() >= 2.0 ** -5
+    assert (ps.synthetic_values(TINY, "model.decoder.layers.0.self_attn_layer_norm.weight", (4,)) == 1).all()
 
 
-def test_block_schedule_rotates_and_checks_the_trace_length():
-    ms = ps.methods(TINY)
-    sched = ps.block_schedule(TINY, ms)
-    assert len(sched) == TINY.rounds * len(ms)
-    assert [s[2].name for s in sched[:5]] == [m.name for m in ms]
-    assert [s[2].name for s in sched[5:]] == [m.name for m in ms[1:] + ms[:1]]
-    assert {s[3] for s in sched if s[0] == 1} == {TINY.window_k + TINY.sparse_tokens}
+def test_plan_alternates_every_variant_over_its_own_trace_segment():
+    p = ps.plan(TINY)
+    assert list(p.specs) == ["naive", "hybrid", "predictor", "windowing", "bundling", "pagecache",
+                             "naive-bf16", "bundling-bf16"]
+    assert p.budgets["naive"] == 0 and p.budgets["bundling"] == int(0.9 * sum(ps.model_parts(TINY, 4).values()))
+    assert p.budgets["bundling-bf16"] == int(0.9 * sum(ps.model_parts(TINY, 2).values()))
+    assert p.mapped["pagecache"] and not p.mapped["bundling"]
+    assert p.trace_starts == {0: 0, 1: ps.span(TINY, "bundling")} and len(p.prompts) == TINY.rounds
+    assert {s.dtype for s in p.specs.values()} == {"float32", "bfloat16"} and p.specs["naive"].new_tokens == 2
     with pytest.raises(ValueError, match="n_tokens"):
-        ps.block_schedule(dataclasses.replace(TINY, n_tokens=10), ms)
+        ps.plan(dataclasses.replace(TINY, n_tokens=10))
 
 
-def test_tables_from_a_replay(tiny, result):
-    s = ps.breakdown(result)
-    assert s["method"].tolist() == list(ps.METHOD_NAMES) and (s["tokens"] > 0).all()
+def test_tables_from_step_rows():
+    """Table 2/3, the acceptance checks and Fig 1 from a synthetic worker result (known answers)."""
+    rows = []
+    for m, io, mem, comp, b, reads in (("naive", 2000, 0, 900, 13e9, 13000), ("hybrid", 1000, 0, 900, 6.5e9, 6500),
+                                       ("predictor", 700, 50, 400, 0.9e9, 60000), ("windowing", 200, 50, 400, 0.2e9, 13000),
+                                       ("bundling", 90, 50, 400, 0.2e9, 6500), ("pagecache", 9000, 0, 900, 13e9, 3e6)):
+        for t in range(3):
+            rows.append({"method": m, "rep": t, "phase": "decode", "io_ms": io, "mem_ms": mem, "compute_ms": comp,
+                         "total_ms": io + mem + comp, "forward_ms": 1.0, "bytes_read": b, "reads": reads,
+                         "neurons_loaded": 1, "bytes_resident": 1, "shrunk": 0, "truncated": 0})
+    info = pd.DataFrame([{"method": m, "base_method": m, "dtype": "bfloat16", "dram_bytes": 6e9, "model_bytes": 13e9,
+                          "window_k": 5, "io_mode": "o_direct"} for m in ps.variants(TINY)][:6])
+    runs = pd.DataFrame([{"method": m, "limit_bytes": 7e9, "peak_bytes": 6.9e9, "failcnt": 0, "oom_kill": 0,
+                          "status": "ok"} for m in info["method"]])
+    from flashlib.workers import Result
+    res = Result(pd.DataFrame(rows), runs, pd.DataFrame(), info, pd.DataFrame(), pd.DataFrame())
     prof = costmodel.DeviceProfile("flat", {32: ((512, 1e8), (1 << 20, 1e9))}, dense_gbps=1.0)
-    t2 = ps.table2(s, prof, now=prof)
-    # the computed column divides the replay's own bytes by the profile at the replay's read size
+    s = ps.summary(res, prof)
+    assert s["method"].tolist()[:5] == list(ps.METHOD_NAMES)
+    t2 = bench.table2(s)
     r = t2.set_index("method").loc["bundling"]
-    assert r["io_ms_computed"] == pytest.approx(prof.io_ms(r["flash_to_dram_gb"] * 1e9, r["chunk_kib"] * 1024))
+    assert r["io_ms_computed"] == pytest.approx(prof.io_ms(0.2e9, 0.2e9 / 6500))
     assert t2["paper_io_ms"].tolist() == [row[-1] for row in paper.TABLE2_ROWS]
-    assert t2.loc[0, "dram_gb"] == 0 and t2.loc[1, "dram_gb"] == pytest.approx(0.5 * ps.model_bytes(TINY).total_bytes / 1e9, rel=0.01)
-    t3 = ps.table3(s)
-    assert {"Naive", "All"} <= set(t3["method"]) and len(t3) == 7
-    assert (ps.fig1_frame(s).groupby("source").size() == 2).all()
-    acc = ps.acceptance(t2)
-    assert len(acc) == 2 + 2 * 5 and acc["ok"].dtype == bool
-    assert acc["ok"].iloc[2:].tolist() == [0.75 <= r <= 1.25 for r in
-                                           (t2["io_ms_computed"] / t2["io_ms"]).tolist() * 2]
-    cm = ps.table2_costmodel(TINY, tiny["trace"], prof)
-    assert cm["method"].tolist() == list(ps.METHOD_NAMES)
+    acc = ps.acceptance(s, TINY).set_index("check")
+    assert acc.loc["I/O naive / All (fp32)", "ours"] == pytest.approx(2000 / 90) and acc.loc["I/O naive / All (fp32)", "ok"]
+    assert acc.loc["memory management share of All (fp32)", "ours"] == pytest.approx(50 / 540)
+    t3 = bench.table3(s, "OPT 6.7B geometry")
+    assert {"Naive", "All", "Page cache (mmap)"} <= set(t3["method"]) and (t3["source"] == "paper (M1 Max CPU)").sum() == 2
+    assert (ps.fig1_frame(t3).groupby("source").size() == 2).all()
 
 
-def test_compare_traces_puts_the_same_statistics_side_by_side(tiny):
-    tr = tiny["trace"]
+def test_compare_traces_puts_the_same_statistics_side_by_side():
+    tr, _ = ps.traces(TINY)
     same = {"active": tr.active[None], "predicted": tr.predicted[None]}
     cmp = ps.compare_traces(tr, same, k=5)
     ov = cmp["overall"]
