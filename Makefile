@@ -10,7 +10,7 @@ EXECUTED    := $(patsubst notebooks/%.ipynb,build/notebooks/%.ipynb,$(NOTEBOOKS)
 SOURCES     := $(wildcard flashlib/*.py)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test figures bench lab clean clean-flash clean-data
+.PHONY: help venv test figures bench gpu-bench lab clean clean-flash clean-data
 
 help:  ## show this help
 	@echo "flashlib - a reproduction of 'LLM in a flash'"
@@ -18,6 +18,7 @@ help:  ## show this help
 	@echo "  make figures      regenerate every figure and table into figures/ (runs notebooks fully, ~1-1.5 h)"
 	@echo "  make test         run the test suite (executes every notebook in smoke mode)"
 	@echo "  make bench        the side-by-side benchmarks only (latency breakdown; page cache, accelerate)"
+	@echo "  make gpu-bench    the GPU row of Table 3 into build/gpu (skips without CUDA; see flashlib/gpubench.py)"
 	@echo "  make lab          open the notebooks in JupyterLab"
 	@echo "  make venv         create .venv (done automatically by the targets above)"
 	@echo "  make clean        remove build/ (executed notebooks); never figures/ or data/"
@@ -46,6 +47,9 @@ build/notebooks/%.ipynb: notebooks/%.ipynb $(SOURCES) | $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m flashlib bench --baselines
+
+gpu-bench: $(STAMP)
+	$(PY) -m flashlib.gpubench --out build/gpu
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/

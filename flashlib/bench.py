@@ -82,7 +82,8 @@ def engine_config(method: str, dram_budget, **overrides) -> EngineConfig:
 
 
 def build_runner(method: str, model_name: str, dram_budget, *, tokenizer=None, predictors=None, flash_root=None,
-                 io_threads: int = ENGINE.io_threads, model=None, **engine_overrides):
+                 io_threads: int = ENGINE.io_threads, model=None, device: str = ENGINE.device,
+                 compute_dtype: str | None = None, **engine_overrides):
     """A fresh model (or ``model``) wrapped for one method: ``StreamingBaseline`` (naive, hybrid, pagecache,
     dense) or ``SparseEngine`` (predictor, windowing, bundling).
 
@@ -90,24 +91,26 @@ def build_runner(method: str, model_name: str, dram_budget, *, tokenizer=None, p
     budget is the cgroup limit of its worker, ``flashlib.workers``). "dense" is a reference, not a
     paper row: every weight resident in DRAM, nothing read per token, the whole FFN computed,
     timed by the same hooks; the sparse engine can go below it, as its FFN multiplies only the
-    resident rows.
+    resident rows. ``device`` and ``compute_dtype`` (e.g. "cuda", "bfloat16") apply to every method.
     """
     if model is None:
         model, _ = load_model(model_name, progress=False)
     store = StoreConfig(n_threads=io_threads)
     if method == "dense":
         nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        runner = StreamingBaseline(model, model_name, 2 * nbytes, flash_root=flash_root, store_config=store)
+        runner = StreamingBaseline(model, model_name, 2 * nbytes, flash_root=flash_root, store_config=store,
+                                   device=device, dtype=compute_dtype)
         if runner.streamed_layers or runner.buffers:
             raise EngineError(f"dense reference of {model_name}: some weights would stream ({runner.report()})")
         return runner
     if method in ("naive", "hybrid", "pagecache"):
         return StreamingBaseline(model, model_name, dram_budget if method == "hybrid" else 0.0,
                                  source="mmap" if method == "pagecache" else "direct", flash_root=flash_root,
-                                 store_config=store)
+                                 store_config=store, device=device, dtype=compute_dtype)
     if method not in SPARSE:
         raise ValueError(f"method must be one of {METHODS + ('pagecache', 'dense')}, got {method!r}")
-    cfg = engine_config(method, dram_budget, io_threads=io_threads, **engine_overrides)
+    cfg = engine_config(method, dram_budget, io_threads=io_threads, device=device, compute_dtype=compute_dtype,
+                        **engine_overrides)
     return SparseEngine(model, model_name, cfg, predictors=predictors, tokenizer=tokenizer, flash_root=flash_root)
 
 

@@ -56,6 +56,28 @@ def unique_parameters(model) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
+def to_device(model, device, names=None) -> None:
+    """Move the model's materialised parameters (only ``names``, if given) and its buffers to ``device``;
+    meta parameters (weights that live only on flash) stay where they are."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    by_id: dict[int, list[str]] = {}
+    for n, p in params.items():
+        by_id.setdefault(id(p), []).append(n)
+    wanted = None if names is None else set(names)
+    for ns in by_id.values():
+        p = params[ns[0]]
+        if p.is_meta or p.device == torch.device(device) or (wanted is not None and not wanted & set(ns)):
+            continue
+        moved = nn.Parameter(p.detach().to(device), requires_grad=False)
+        for n in ns:
+            mod, attr = n.rsplit(".", 1) if "." in n else ("", n)
+            setattr(model.get_submodule(mod), attr, moved)
+    for mod in model.modules():
+        for k, b in list(mod._buffers.items()):
+            if b is not None and not b.is_meta:
+                mod._buffers[k] = b.to(device)
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -310,7 +332,9 @@ class SparseEngine:
         self.model_dtype = next(model.parameters()).dtype
         self.dtype = getattr(torch, cfg.compute_dtype) if cfg.compute_dtype else self.model_dtype
         model = model.eval() if self.dtype == self.model_dtype else model.eval().to(self.dtype)
-        self.model, self.model_name = model if self.device.type == "cpu" else model.to(self.device), model_name
+        if self.device.type != "cpu":
+            to_device(model, self.device)
+        self.model, self.model_name = model, model_name
         self.adapter = a = ffn_adapter(model)
         self.flash_dtype = cfg.flash_dtype or str(self.model_dtype).removeprefix("torch.")
         self.active = ActiveSets(cfg.policy, a, predictors.to(self.device) if predictors is not None else None,

@@ -2,8 +2,10 @@
 
 ``python -m flashlib.nbrun [--smoke] notebooks/02_flash_throughput.ipynb ...`` runs each notebook
 top to bottom in a fresh kernel, after injecting ``SMOKE = True`` (and any ``-p NAME=VALUE``) below
-the cell tagged ``parameters``. The executed copy goes to ``build/``; the committed notebook is
-never modified, so it stays free of outputs.
+the cell tagged ``parameters``. The executed copy goes to ``build/``; a full run that finishes is also
+published, outputs kept, as ``figures/notebooks/NN_name.ipynb`` (committed, so a reader on a
+code-hosting site sees every result rendered without running anything). The notebook under
+``notebooks/`` is never modified, so it stays free of outputs.
 """
 from __future__ import annotations
 
@@ -50,6 +52,11 @@ def output_path(nb_path: Path, smoke: bool) -> Path:
     return paths.BUILD / ("smoke" if smoke else "notebooks") / Path(nb_path).name
 
 
+def published_path(nb_path: Path) -> Path:
+    """Where a full run's executed notebook is published for readers (``figures/notebooks/``)."""
+    return paths.FIGURES / "notebooks" / Path(nb_path).name
+
+
 def execute(nb_path: Path, smoke: bool, params: dict | None = None,
             timeout_s: int | None = None) -> Path:
     """Run one notebook in a fresh kernel; return the path of the executed copy in build/."""
@@ -67,6 +74,9 @@ def execute(nb_path: Path, smoke: bool, params: dict | None = None,
             client.execute()
         finally:
             nbformat.write(nb, out)  # keep the partial run for debugging
+        if not smoke:                # only a run that finished is published
+            published_path(nb_path).parent.mkdir(parents=True, exist_ok=True)
+            nbformat.write(nb, published_path(nb_path))
     finally:
         if old is None:
             os.environ.pop("FLASHLIB_SMOKE", None)

@@ -193,14 +193,17 @@ def _check_free_space(path: Path, need: int) -> None:
                       "or point FLASHLIB_FLASH_DIR at a larger disk")
 
 
-def ensure_flash_files(cfg: PaperScaleConfig, smoke: bool | None = None, progress: bool = True) -> pd.DataFrame:
-    """Both layouts' files for ``cfg``: reused when ``check_flash_file`` passes, else (re)written.
+def ensure_flash_files(cfg: PaperScaleConfig, smoke: bool | None = None, progress: bool = True,
+                       layouts=LAYOUTS) -> pd.DataFrame:
+    """The layouts' files for ``cfg`` (default both): reused when ``check_flash_file`` passes, else (re)written.
 
     Written layer by layer (one layer, 268 MB at paper scale, in memory at a time), fsynced,
     evicted from the page cache. Returns layout | path | file_gb | action | seconds | check.
     """
     rows = []
     for lay, path in flash_paths(cfg, smoke).items():
+        if lay not in layouts:
+            continue
         t0 = time.perf_counter()
         problems = check_flash_file(path, cfg, lay)
         action = "reused"
@@ -332,7 +335,8 @@ def ffn_weight_names(cfg: PaperScaleConfig) -> list[str]:
     return [f"model.decoder.layers.{l}.{fc}.weight" for l in range(cfg.n_layers) for fc in ("fc1", "fc2")]
 
 
-def build_model(cfg: PaperScaleConfig, dtype: str = "bfloat16", resident: bool = True, progress: bool = False):
+def build_model(cfg: PaperScaleConfig, dtype: str = "bfloat16", resident: bool = True, progress: bool = False,
+                device: str = "cpu"):
     """The geometry as a model in ``dtype``: FFN weights on meta (flash only); with ``resident`` every other
     weight is loaded from the stream file (the engine's resident part), else left on meta for the
     dense streaming path to bind."""
@@ -340,7 +344,8 @@ def build_model(cfg: PaperScaleConfig, dtype: str = "bfloat16", resident: bool =
     model = meta_model(cfg, dtype)
     if resident:
         path = stream_path(cfg)
-        load_groups(model, path, list(read_stream_manifest(path)["groups"]), getattr(torch, dtype), progress)
+        load_groups(model, path, list(read_stream_manifest(path)["groups"]), getattr(torch, dtype), progress,
+                    device=device)
     return model
 
 
@@ -391,7 +396,7 @@ def engine_config(method: str, cfg: PaperScaleConfig, dtype: str) -> EngineConfi
 
 
 def build_runner(method: str, cfg: PaperScaleConfig, dtype: str = "bfloat16", *, trace_start: int = 0,
-                 progress: bool = False):
+                 device: str = "cpu", progress: bool = False):
     """One method at paper scale: "naive" | "hybrid" | "pagecache" (dense streaming, direct or mmap, at
     half the model in DRAM for hybrid and, through its cgroup limit, the page cache) or "predictor" |
     "windowing" | "bundling" (the engine, trace policy; the trace from token ``trace_start`` on)."""
@@ -405,15 +410,15 @@ def build_runner(method: str, cfg: PaperScaleConfig, dtype: str = "bfloat16", *,
                                  source="mmap" if method == "pagecache" else "direct",
                                  files=WeightFiles(files["bundled"], stream_path(cfg)),
                                  store_config=StoreConfig(n_threads=cfg.io_threads),
-                                 chunk_bytes=cfg.stream_chunk_bytes, progress=progress)
+                                 chunk_bytes=cfg.stream_chunk_bytes, device=device, progress=progress)
     if method not in METHOD_NAMES:
         raise ValueError(f"paper-scale method must be one of {METHOD_NAMES + ('pagecache',)}, got {method!r}")
     run, sizing = traces(cfg)
     n = span(cfg, method)
     if trace_start + n > run.predicted.shape[0]:
         raise ValueError(f"trace tokens {trace_start}..{trace_start + n} are past the trace's {cfg.n_tokens}")
-    ecfg = engine_config(method, cfg, dtype)
-    return SparseEngine(build_model(cfg, dtype, resident=True, progress=progress), name, ecfg,
+    ecfg = dataclasses.replace(engine_config(method, cfg, dtype), device=device)
+    return SparseEngine(build_model(cfg, dtype, resident=True, progress=progress, device=device), name, ecfg,
                         predictors=synthetic_predictors(cfg, dtype), flash_path=files[ecfg.layout],
                         trace=run.predicted[trace_start:trace_start + n].copy(), sizing_trace=sizing.predicted)
 

@@ -606,9 +606,9 @@ def _load_manifest(path: Path) -> dict:
         raise FlashFileError(f"{path} has no manifest {mpath.name}; it was not written by "
                              "flashlib.layout.write_flash_file (or the write did not finish)")
     try:
-        m = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise FlashFormatError(f"manifest {mpath} is not valid JSON: {e}") from None
+        m = json.loads(mpath.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FlashFormatError(f"manifest {mpath} is not valid UTF-8 JSON ({type(e).__name__}: {e}); {_FIX}") from None
     if m.get("format") != _layout.FORMAT:
         raise FlashFormatError(f"{mpath} is not a flashlib flash manifest "
                                f"(format={m.get('format')!r})")
@@ -619,22 +619,87 @@ def _load_manifest(path: Path) -> dict:
     return m
 
 
+_FIX = "rewrite it with flashlib.layout.write_flash_file (or delete it and its manifest so flashlib writes them again)"
+
+
+def _damaged(path: Path, field: str, what: str) -> FlashFileError:
+    return FlashFileError(f"{path}: {field}: {what}; the file or its manifest is damaged: {_FIX}")
+
+
+def _check_manifest(path: Path, m: dict) -> None:
+    """The manifest agrees with itself: every derived field is what its geometry gives."""
+    need = ("layout", "dtype", "n_layers", "d_model", "d_ffn", "vector_names", "bundle_width", "row_alignment",
+            "row_bytes", "row_stride", "row_padding", "matrix_bytes", "data_offset", "file_bytes", "layers")
+    missing = [k for k in need if k not in m]
+    if missing:
+        raise _damaged(path, f"manifest fields {missing}", "missing")
+    if m["layout"] not in _layout.LAYOUTS:
+        raise _damaged(path, "manifest layout", f"{m['layout']!r} is not one of {_layout.LAYOUTS}")
+    if m["dtype"] not in _layout.DTYPES:
+        raise _damaged(path, "manifest dtype", f"{m['dtype']!r} is not one of {tuple(_layout.DTYPES)}")
+    n_vec, item = len(m["vector_names"]), np.dtype(m["dtype"]).itemsize
+    kinds = 1 if m["layout"] == "bundled" else n_vec
+    want = {"bundle_width": n_vec * m["d_model"],
+            "row_bytes": (n_vec if m["layout"] == "bundled" else 1) * m["d_model"] * item}
+    want["row_stride"] = _layout.round_up(want["row_bytes"], m["row_alignment"])
+    want.update(row_padding=want["row_stride"] - want["row_bytes"], matrix_bytes=m["d_ffn"] * want["row_stride"])
+    want["file_bytes"] = m["data_offset"] + m["n_layers"] * kinds * want["matrix_bytes"]
+    for k, v in want.items():
+        if m[k] != v:
+            raise _damaged(path, f"manifest {k}", f"{m[k]!r}, but layout {m['layout']!r}, d_model {m['d_model']}, "
+                           f"d_ffn {m['d_ffn']}, {n_vec} vectors of {m['dtype']} and row alignment "
+                           f"{m['row_alignment']} give {v!r}")
+    if len(m["layers"]) != m["n_layers"]:
+        raise _damaged(path, "manifest layers", f"{len(m['layers'])} entries for n_layers {m['n_layers']}")
+
+
+def _read_header(path: Path, m: dict) -> dict:
+    """The file's safetensors header (8-byte length, JSON), or a FlashFileError naming what is wrong."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise _damaged(path, "safetensors header length", f"the file has only {len(raw)} bytes")
+        (n,) = struct.unpack("<Q", raw)
+        if 8 + n != m["data_offset"]:
+            raise _damaged(path, "safetensors header length", f"the header ends at {8 + n}, the manifest's "
+                           f"data_offset is {m['data_offset']} (manifest from another file?)")
+        text = f.read(n)
+        os.posix_fadvise(f.fileno(), 0, 8 + n, os.POSIX_FADV_DONTNEED)  # leave no page cached
+    try:
+        return json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _damaged(path, "safetensors header", f"not valid UTF-8 JSON ({type(e).__name__}: {e})") from None
+
+
 def _check_file(path: Path, m: dict) -> None:
-    """The file is as long as the manifest says and its safetensors header agrees with it."""
+    """The file is as long as the manifest says, the manifest agrees with itself, and the safetensors
+    header agrees with the manifest: every tensor's name, dtype, shape and offset."""
+    _check_manifest(path, m)
     size = path.stat().st_size
     if size < m["file_bytes"]:
         raise FlashFileError(f"{path} is truncated: {size} bytes, the manifest expects "
-                             f"{m['file_bytes']}; rewrite it with layout.write_flash_file")
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if 8 + n != m["data_offset"]:
-            raise FlashFileError(f"{path}: header ends at {8 + n}, manifest says data starts at "
-                                 f"{m['data_offset']} (manifest from another file?)")
-        header = json.loads(f.read(n))
-        os.posix_fadvise(f.fileno(), 0, 8 + n, os.POSIX_FADV_DONTNEED)  # leave no page cached
+                             f"{m['file_bytes']}; {_FIX}")
+    header = _read_header(path, m)
+    meta = header.get("__metadata__", {})
+    if meta.get("layout", m["layout"]) != m["layout"]:
+        raise _damaged(path, "manifest layout", f"{m['layout']!r}, the safetensors header says {meta['layout']!r}")
+    shape = [m["d_ffn"], m["row_stride"] // np.dtype(m["dtype"]).itemsize]
+    kinds = ("bundles",) if m["layout"] == "bundled" else tuple(m["vector_names"])
     for entry in m["layers"]:
+        if set(entry["tensors"]) != set(kinds):
+            raise _damaged(path, f"manifest layer {entry['index']} tensors", f"{sorted(entry['tensors'])}, the "
+                           f"{m['layout']} layout of {m['vector_names']} has {list(kinds)}")
         for t in entry["tensors"].values():
-            start = header.get(t["name"], {}).get("data_offsets", [None])[0]
-            if start is None or m["data_offset"] + start != t["offset"]:
-                raise FlashFileError(f"{path}: tensor {t['name']} is not where the manifest "
-                                     "says (manifest from another file?)")
+            h = header.get(t["name"])
+            if h is None:
+                raise _damaged(path, f"tensor {t['name']}", "not in the safetensors header (manifest from another file?)")
+            if h.get("dtype") != _layout.DTYPES[m["dtype"]]:
+                raise _damaged(path, f"tensor {t['name']} dtype", f"{h.get('dtype')!r} in the header, the manifest's "
+                               f"dtype {m['dtype']!r} is {_layout.DTYPES[m['dtype']]!r}")
+            if list(h.get("shape", [])) != shape:
+                raise _damaged(path, f"tensor {t['name']} shape", f"{h.get('shape')} in the header, the manifest's "
+                               f"d_ffn and row_stride give {shape}")
+            start = (h.get("data_offsets") or [None])[0]
+            if not isinstance(start, int) or m["data_offset"] + start != t["offset"]:
+                raise _damaged(path, f"tensor {t['name']} offset", f"not where the manifest says ({t['offset']}; "
+                               "manifest from another file?)")

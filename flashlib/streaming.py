@@ -41,7 +41,7 @@ from .clock import Counters, EngineError, GenerationResult, TokenClock, install_
 from .config import ENGINE, StoreConfig
 from .dram import DramBudgetError, convert_into
 from .engine import (_nbytes, check_flash_file, default_flash_root, flash_file, model_fingerprint,
-                     parse_budget, resident_parts, unique_parameters)
+                     parse_budget, resident_parts, to_device, unique_parameters)
 from .models import ffn_adapter
 from .store import IO_BUFFERED, AlignedBuffer, FlashFileError, FlashStore, ReadPool, evict_from_page_cache, \
     open_for_reads
@@ -161,7 +161,7 @@ def set_parameter(model, names: list[str], tensor: torch.Tensor) -> None:
 
 
 def load_groups(model, path: Path, names, dtype: torch.dtype, progress: bool = False,
-                n_threads: int = StoreConfig.n_threads) -> int:
+                n_threads: int = StoreConfig.n_threads, device="cpu") -> int:
     """Read the stream file's groups ``names`` (O_DIRECT, 1 MiB reads over ``n_threads``) into fresh
     tensors of ``dtype`` and make them the model's parameters (tied names kept tied). Returns the
     bytes read. For models built on the meta device (paper scale: 4.7 GB in ~5 s here)."""
@@ -179,7 +179,7 @@ def load_groups(model, path: Path, names, dtype: torch.dtype, progress: bool = F
             for e in g["params"]:
                 n = int(np.prod(e["shape"]))
                 stored = torch.frombuffer(buf.memoryview, dtype=file_dtype, count=n, offset=e["offset"]).view(e["shape"])
-                t = torch.empty(e["shape"], dtype=dtype)
+                t = torch.empty(e["shape"], dtype=dtype, device=device)
                 convert_into(t, stored)
                 set_parameter(model, aliases[id(params[e["name"]])], t)
     finally:
@@ -310,29 +310,39 @@ class StreamingBaseline:
 
     ``files``: the model's ``WeightFiles`` (default: written from the model itself, in its dtype;
     a model built on the meta device, such as paper scale's, must pass them). Meta parameters of
-    resident groups are loaded from the files at construction.
+    resident groups are loaded from the files at construction. ``dtype`` (e.g. "bfloat16"): the compute
+    dtype, the files keep the model's own (converted as they stream). ``device`` "cuda": resident groups
+    and the compute copies of streamed bytes live on the GPU (reads still land in host buffers,
+    page-locked); the page cache (``source="mmap"``) is a host baseline only.
     """
 
     def __init__(self, model, model_name: str, dram_budget=0.0, *, source: str = "direct",
                  files: WeightFiles | None = None, flash_root=None, store_config: StoreConfig = StoreConfig(),
-                 chunk_bytes: int = CHUNK_BYTES, progress: bool = False):
+                 chunk_bytes: int = CHUNK_BYTES, device: str = "cpu", dtype: str | None = None,
+                 progress: bool = False):
         if source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+        self.device = torch.device(device)
+        if self.device.type != "cpu" and source == "mmap":
+            raise ValueError("the page-cache baseline (source 'mmap') runs on the CPU only")
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise EngineError("device 'cuda' asked for but torch.cuda.is_available() is False")
         self.model, self.model_name, self.source = model.eval(), model_name, source
-        self.device = torch.device("cpu")
         self.adapter = a = ffn_adapter(model)
-        self.dtype = next(model.parameters()).dtype
+        own = str(next(model.parameters()).dtype).removeprefix("torch.")
         ffn_names = layout.ffn_weight_names(model, a)
+        self.files = files or WeightFiles(      # in the model's own dtype; computed in ``dtype``
+            flash_file(model, a, model_name, "bundled", own, flash_root, ENGINE.flash_preset, progress),
+            stream_file(model, stream_groups(model, ffn_names), model_name, own, flash_root))
+        if dtype is not None and dtype != own:
+            model.to(getattr(torch, dtype))
+        self.dtype = next(model.parameters()).dtype
         groups = stream_groups(model, ffn_names)
-        self.files = files or WeightFiles(
-            flash_file(model, a, model_name, "bundled", str(self.dtype).removeprefix("torch."), flash_root,
-                       ENGINE.flash_preset, progress),
-            stream_file(model, groups, model_name, str(self.dtype).removeprefix("torch."), flash_root))
         self.manifest = read_stream_manifest(self.files.stream)
         storage = self.manifest["dtype"]
         check_flash_file(self.files.flash, a, "bundled", storage)
         self.storage_dtype = getattr(torch, storage)
-        self.converts = self.storage_dtype != self.dtype
+        self.converts = self.storage_dtype != self.dtype or self.device.type != "cpu"
         self.model_bytes = sum(_nbytes(p) for _, p in unique_parameters(model))
         sizes = {g: sum(_nbytes(p) for _, p in ps) for g, ps in groups.items()}
         sizes.update({f"ffn {l}": sum(_nbytes(v) for v in a.neuron_vectors(l).values()) for l in range(a.n_layers)})
@@ -357,10 +367,20 @@ class StreamingBaseline:
         self._open_source()
         meta_resident = [g for g in groups if g in chosen and any(p.is_meta for _, p in groups[g])]
         if meta_resident:
-            load_groups(model, self.files.stream, meta_resident, self.dtype, progress)
+            load_groups(model, self.files.stream, meta_resident, self.dtype, progress, device=self.device)
+        if self.device.type != "cpu":         # the resident groups and whole resident FFN layers
+            keep = [n for g in chosen if g in groups for n, _ in groups[g]]
+            keep += [n for n in ffn_names if int(re.search(r"\.layers\.(\d+)\.", f".{n}").group(1))
+                     not in self.streamed_layers]
+            to_device(model, self.device, keep)
         self.buffers: dict[str, AlignedBuffer] = {}
         self._bind_streamed([g for g in groups if g not in chosen], groups)
         self._install_ffn(ffn_names)
+        self._pinned = []
+        if self.device.type == "cuda":        # page-lock the host buffers: host-to-device copies go by DMA
+            for b in {id(b): b for b in [*self.buffers.values(), getattr(self, "ffn_buffer", None)] if b}.values():
+                torch.cuda.cudart().cudaHostRegister(b.address, b.nbytes, 0)
+                self._pinned.append(b)
         self.counters = Counters()
         self.clock = TokenClock(self.counters, self.bytes_resident, refresh=KernelIO() if source == "mmap" else None)
         self._hooks = install_step_hooks(model, lambda n, past: self.clock.begin(n, past == 0), self.clock.forward_done)
@@ -423,7 +443,7 @@ class StreamingBaseline:
         if layer_names:                         # the streamed layers share one staging buffer (and one copy)
             nb = max(self.manifest["groups"][g]["nbytes"] for g in layer_names)
             shared_raw = AlignedBuffer(1, nb) if self.source == "direct" else None
-            shared_conv = torch.empty(nb // isz, dtype=self.dtype) if self.converts else None
+            shared_conv = torch.empty(nb // isz, dtype=self.dtype, device=self.device) if self.converts else None
         self._staged = {}
         for g in names:
             info = self.manifest["groups"][g]
@@ -432,7 +452,8 @@ class StreamingBaseline:
                 raw = self.buffers[g] = AlignedBuffer(1, info["nbytes"]) if g == "globals" else shared_raw
             conv = None
             if self.converts:
-                conv = torch.empty(info["nbytes"] // isz, dtype=self.dtype) if g == "globals" else shared_conv
+                conv = torch.empty(info["nbytes"] // isz, dtype=self.dtype, device=self.device) if g == "globals" \
+                    else shared_conv
             pairs = []
             for e, (name, p) in zip(info["params"], groups[g]):
                 if e["name"] != name:
@@ -457,12 +478,13 @@ class StreamingBaseline:
         width = len(a.vector_names) * a.d_model
         if self.source == "direct":
             self.ffn_buffer = self.src.store.new_buffer(self.chunk_rows)
-        self._ffn_conv = torch.empty(self.chunk_rows, width, dtype=self.dtype) if self.converts else None
+        self._ffn_conv = torch.empty(self.chunk_rows, width, dtype=self.dtype, device=self.device) \
+            if self.converts else None
         self._all_ids = np.arange(a.d_ffn)
         for l in range(a.n_layers):
             bias, ob = a.neuron_bias(l), a.output_bias(l)
-            bias = None if bias is None else bias.detach()
-            ob = None if ob is None else ob.detach()
+            bias = None if bias is None else bias.detach().to(self.device)
+            ob = None if ob is None else ob.detach().to(self.device)
             if l in self.streamed_layers:
                 a.replace_ffn(l, StreamedFFN(self, l, acts[l], bias, ob))
             elif any(v.is_meta for v in a.neuron_vectors(l).values()):   # resident, but only on flash
@@ -479,7 +501,7 @@ class StreamingBaseline:
         with FlashStore(self.files.flash, self.store_config) as store:
             buf = store.new_buffer(self.adapter.d_ffn)
             store.read(layer, self._all_ids, buf)
-            return {k: v.to(self.dtype).clone() for k, v in buf.vectors(torch=True).items()}
+            return {k: v.to(self.device, self.dtype).clone() for k, v in buf.vectors(torch=True).items()}
 
     # -- reads
     def fetch_group(self, gname: str) -> None:
@@ -565,6 +587,9 @@ class StreamingBaseline:
         for h in getattr(self, "_hooks", []):
             h.remove()
         self._hooks = []
+        for b in getattr(self, "_pinned", []):
+            torch.cuda.cudart().cudaHostUnregister(b.address)
+        self._pinned = []
         if getattr(self, "src", None) is not None:
             self.src.close()
             self.src = None

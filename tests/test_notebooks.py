@@ -49,3 +49,18 @@ def test_missing_parameters_cell_is_a_clear_error():
     book = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")])
     with pytest.raises(ValueError, match="tagged 'parameters'"):
         nbrun.inject_parameters(book, {"SMOKE": True})
+
+
+def test_a_full_run_is_published_with_its_outputs_and_a_smoke_run_is_not(tmp_path, monkeypatch):
+    nb = tmp_path / "99_tiny.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("SMOKE = False", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("print('smoke' if SMOKE else 'full')")]), nb)
+    monkeypatch.setattr(paths, "FIGURES", tmp_path / "figures")
+    monkeypatch.setattr(paths, "BUILD", tmp_path / "build")
+    nbrun.execute(nb, smoke=True)
+    assert not nbrun.published_path(nb).exists()
+    nbrun.execute(nb, smoke=False)
+    pub = nbformat.read(nbrun.published_path(nb), as_version=4)
+    assert pub.cells[-1].outputs[0]["text"] == "full\n"
+    assert nbrun.cells_with_outputs(nb) == []          # the source notebook stays clean

@@ -300,3 +300,32 @@ def test_small_batch_plan_matches_the_vectorised_one():
             ids = np.sort(ids)
         starts, ends = _runs(ids, max_rows)
         assert _runs_small(ids.tolist(), max_rows) == (starts.tolist(), ends.tolist(), ids[starts].tolist())
+
+
+@pytest.mark.parametrize("field, change", [("d_model", lambda v: 2 * v), ("d_ffn", lambda v: v + 1),
+                                           ("layout", lambda v: "bundled"), ("row_stride", lambda v: v + 512)])
+def test_a_manifest_that_disagrees_with_its_file_is_refused_naming_the_field(tmp_path, field, change):
+    path = write(tmp_path, lay="separate") if field == "layout" else write(tmp_path)
+    mp = layout.manifest_path(path)
+    m = json.loads(mp.read_text())
+    m[field] = change(m[field])                        # row_stride + 512: a stride O_DIRECT would still accept
+    mp.write_text(json.dumps(m))
+    with pytest.raises(FlashFileError, match=rf"{path}: .*{field}.*write_flash_file"):
+        FlashStore(path)
+
+
+def test_a_flipped_byte_in_the_header_is_a_flash_file_error_not_a_decode_error(bundled):
+    with open(bundled, "r+b") as f:
+        f.seek(12)
+        b = f.read(1)
+        f.seek(12)
+        f.write(bytes([b[0] | 0x80]))                  # invalid UTF-8 inside the JSON header
+    with pytest.raises(FlashFileError, match=r"safetensors header: not valid UTF-8 JSON .*write_flash_file"):
+        FlashStore(bundled)
+
+
+def test_a_manifest_that_is_not_text_is_a_clear_error(bundled):
+    mp = layout.manifest_path(bundled)
+    mp.write_bytes(b"\xff\xfe" + mp.read_bytes()[2:])
+    with pytest.raises(FlashFileError, match=r"manifest .* is not valid UTF-8 JSON"):
+        FlashStore(bundled)
